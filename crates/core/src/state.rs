@@ -11,8 +11,12 @@
 //!
 //! Per-state callbacks run only when a state comes or goes: `setup` before
 //! patching and `enable` after, when no other patch carries the state;
-//! `disable` before and `release` after unpatching (or replacement), with the
-//! same rule, and `release` only when `setup` succeeded.
+//! `disable` before and `release` after unpatching, with the same rule, and
+//! `release` only when `setup` succeeded. A state made obsolete by a
+//! replacing patch is disabled before the transition and released after it,
+//! once, with the callbacks of the newest replaced patch that declares it
+//! (seed 004 runs them per old patch, which never removes a state that two
+//! replaced patches share).
 
 use crate::lifecycle::Livepatch;
 use crate::log::{self, LogRecord};
@@ -167,13 +171,32 @@ impl Livepatch {
         }
     }
 
-    /// Before a replacing patch takes over: disable the states of the other
-    /// patches that it does not carry, with their own callbacks.
-    pub(crate) fn disable_obsolete_states<P: Platform>(&mut self, p: &mut P, patch: usize) {
-        for old in 0..self.patches.len() {
-            if old != patch {
-                self.disable_states(p, old);
+    /// The states a replacing patch at `patch` makes obsolete: every state id
+    /// of the patches it replaces that it does not carry itself, each once,
+    /// as the newest replaced patch declares it (that patch's callbacks own
+    /// the state now, as `klp_get_prev_state` would find it).
+    fn obsolete_states(&self, patch: usize) -> Vec<(usize, usize)> {
+        let mut seen = Vec::new();
+        let mut out = Vec::new();
+        for old in (0..self.patches.len()).rev() {
+            if old == patch {
+                continue;
             }
+            for (si, st) in self.patches[old].states.iter().enumerate() {
+                if self.patches[patch].state(st.id).is_none() && !seen.contains(&st.id) {
+                    seen.push(st.id);
+                    out.push((old, si));
+                }
+            }
+        }
+        out
+    }
+
+    /// Before a replacing patch takes over: disable the states it makes
+    /// obsolete, with the callbacks of the patch that owns each.
+    pub(crate) fn disable_obsolete_states<P: Platform>(&mut self, p: &mut P, patch: usize) {
+        for (old, state) in self.obsolete_states(patch) {
+            self.call_state(p, old, state, StateCallbackKind::Disable);
         }
         if let Some(tr) = &mut self.transition {
             tr.obsolete_states_disabled = true;
@@ -184,30 +207,26 @@ impl Livepatch {
     /// [`Livepatch::disable_obsolete_states`] disabled. Does nothing if that
     /// did not run or was already undone.
     pub(crate) fn enable_obsolete_states<P: Platform>(&mut self, p: &mut P, patch: usize) {
-        let Some(tr) = &mut self.transition else {
-            return;
-        };
+        let Some(tr) = &mut self.transition else { return };
         if !std::mem::take(&mut tr.obsolete_states_disabled) {
             return;
         }
-        for old in 0..self.patches.len() {
-            if old != patch {
-                self.enable_states(p, old);
-            }
+        for (old, state) in self.obsolete_states(patch) {
+            self.call_state(p, old, state, StateCallbackKind::Enable);
         }
     }
 
-    /// The replacement happened: release the obsolete states.
+    /// The replacement happened: release the obsolete states whose setup
+    /// had succeeded.
     pub(crate) fn release_obsolete_states<P: Platform>(&mut self, p: &mut P, patch: usize) {
-        let Some(tr) = &mut self.transition else {
-            return;
-        };
+        let Some(tr) = &mut self.transition else { return };
         if !std::mem::take(&mut tr.obsolete_states_disabled) {
             return;
         }
-        for old in 0..self.patches.len() {
-            if old != patch {
-                self.release_states(p, old);
+        for (old, state) in self.obsolete_states(patch) {
+            if self.patches[old].states[state].setup_succeeded {
+                self.call_state(p, old, state, StateCallbackKind::Release);
+                self.patches[old].states[state].setup_succeeded = false;
             }
         }
     }
