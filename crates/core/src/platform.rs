@@ -16,7 +16,8 @@
 //! | `register_ftrace_function` / unregister  | [`Platform::register_sites`], [`Platform::unregister_sites`] |
 //! | `klp_ops.func_stack` as the handler sees it | [`Platform::update_dispatch`]          |
 //! | `task->patch_state`, `TIF_PATCH_PENDING` | [`Platform::threads`], [`Platform::thread_state`], [`Platform::set_thread_state`] |
-//! | `klp_target_state`, `klp_copy_process`   | [`Platform::set_target_state`]            |
+//! | `klp_target_state`                       | [`Platform::set_target_state`]            |
+//! | `klp_copy_process`                       | [`Platform::set_new_thread_state`]        |
 //! | `klp_try_switch_task`                    | [`Platform::try_switch_threads`]          |
 //! | `klp_synchronize_transition`             | [`Platform::synchronize_transition`]      |
 //! | `klp_send_signals`                       | [`Platform::signal_threads`]              |
@@ -259,11 +260,21 @@ pub trait Platform {
     /// Sets a thread's state and pending flag (ignored for exited threads).
     fn set_thread_state(&mut self, tid: Tid, state: ThreadState);
 
-    /// Publishes `klp_target_state`. A thread created from now on starts in
-    /// this state, not pending (IDLE when no transition runs); a pending
-    /// thread that reaches a switch point (`klp_update_patch_state`) takes
-    /// it. The core sets it when a transition starts, reverses and completes.
+    /// Publishes `klp_target_state`: the state a pending thread takes when
+    /// it reaches a switch point (`klp_update_patch_state`).
     fn set_target_state(&mut self, target: PatchState);
+
+    /// The state a thread created from now on starts with (the kernel's
+    /// `klp_copy_process`). Between the start of a transition's preparation
+    /// and the moment every site dispatches on thread states, a new thread
+    /// may still run old code, so it starts in the initial state like the
+    /// threads that exist; once every site is in transition a new thread has
+    /// no old frame and starts at the target. A platform that discovers a
+    /// thread only after its creation must not use this state for it: it
+    /// cannot know what the thread ran, and must treat it like a thread that
+    /// existed before the transition (initial state, pending once the
+    /// transition started).
+    fn set_new_thread_state(&mut self, state: ThreadState);
 
     /// For each thread of `tids` (all pending, none at `target`): check its
     /// stack against `ranges` and, only if none is on it, set its state to

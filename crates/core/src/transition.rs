@@ -149,11 +149,17 @@ impl Livepatch {
             target == PatchState::Patched,
         ));
 
-        // Threads born from now on start at the target: they have no frame
-        // of the code being superseded. Published before the existing threads
-        // get their initial state so that none is missed.
+        // Threads born from now on may still run old code until every site
+        // dispatches on thread states: they start in the initial state, like
+        // the threads that exist now, and start_transition makes them
+        // pending. Published before the existing threads get their initial
+        // state so that none is missed.
         p.set_target_state(target);
         let initial = target.opposite();
+        p.set_new_thread_state(ThreadState {
+            state: initial,
+            pending: false,
+        });
         for tid in p.threads() {
             if let Some(st) = p.thread_state(tid) {
                 if st.state != PatchState::Idle {
@@ -200,6 +206,14 @@ impl Livepatch {
             &self.patches[patch].name,
             target == PatchState::Patched,
         ));
+        // Every site of the patch dispatches on thread states now: a thread
+        // born from here on has no old frame and starts at the target. Set
+        // before the loop, so a thread born during it is either at the
+        // target or seen by the loop.
+        p.set_new_thread_state(ThreadState {
+            state: target,
+            pending: false,
+        });
         for tid in p.threads() {
             if let Some(st) = p.thread_state(tid)
                 && st.state != target
@@ -413,6 +427,7 @@ impl Livepatch {
             p.synchronize_transition();
         }
 
+        p.set_new_thread_state(ThreadState::IDLE);
         p.set_target_state(PatchState::Idle);
         for tid in p.threads() {
             if let Some(st) = p.thread_state(tid) {

@@ -174,6 +174,7 @@ pub struct World {
     sites: BTreeMap<Addr, SimSite>,
     threads: BTreeMap<Tid, SimThread>,
     target: PatchState,
+    new_thread: ThreadState,
     callbacks: Vec<Option<SimCallback>>,
     log: Vec<LogLine>,
     /// Faults to inject.
@@ -226,6 +227,7 @@ impl World {
             sites: BTreeMap::new(),
             threads: BTreeMap::new(),
             target: PatchState::Idle,
+            new_thread: ThreadState::IDLE,
             callbacks: Vec::new(),
             log: Vec::new(),
             faults: Faults::default(),
@@ -399,7 +401,7 @@ impl World {
         self.step
     }
 
-    /// Starts a thread. It starts in `klp_target_state`, not pending.
+    /// Starts a thread, in the state the core set for new threads.
     pub fn spawn(&mut self, name: &str) -> Tid {
         self.step += 1;
         let tid = self.next_tid;
@@ -409,10 +411,7 @@ impl World {
             SimThread {
                 tid,
                 name: name.to_string(),
-                state: ThreadState {
-                    state: self.target,
-                    pending: false,
-                },
+                state: self.new_thread,
                 frames: Vec::new(),
                 running: false,
                 unreliable: false,
@@ -650,6 +649,10 @@ impl Platform for World {
 
     fn set_target_state(&mut self, target: PatchState) {
         self.target = target;
+    }
+
+    fn set_new_thread_state(&mut self, state: ThreadState) {
+        self.new_thread = state;
     }
 
     fn try_switch_threads(
