@@ -207,7 +207,9 @@ impl Livepatch {
     /// [`Livepatch::disable_obsolete_states`] disabled. Does nothing if that
     /// did not run or was already undone.
     pub(crate) fn enable_obsolete_states<P: Platform>(&mut self, p: &mut P, patch: usize) {
-        let Some(tr) = &mut self.transition else { return };
+        let Some(tr) = &mut self.transition else {
+            return;
+        };
         if !std::mem::take(&mut tr.obsolete_states_disabled) {
             return;
         }
@@ -219,7 +221,9 @@ impl Livepatch {
     /// The replacement happened: release the obsolete states whose setup
     /// had succeeded.
     pub(crate) fn release_obsolete_states<P: Platform>(&mut self, p: &mut P, patch: usize) {
-        let Some(tr) = &mut self.transition else { return };
+        let Some(tr) = &mut self.transition else {
+            return;
+        };
         if !std::mem::take(&mut tr.obsolete_states_disabled) {
             return;
         }

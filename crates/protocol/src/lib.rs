@@ -240,14 +240,20 @@ pub struct ThreadStatus {
 impl Request {
     /// A request of this protocol version.
     pub fn new(command: Command) -> Self {
-        Request { v: VERSION, command }
+        Request {
+            v: VERSION,
+            command,
+        }
     }
 }
 
 impl Response {
     /// A response of this protocol version.
     pub fn new(outcome: Outcome) -> Self {
-        Response { v: VERSION, outcome }
+        Response {
+            v: VERSION,
+            outcome,
+        }
     }
 
     /// An error response.
@@ -265,14 +271,19 @@ mod tests {
 
     #[test]
     fn requests_and_responses_are_single_json_lines() {
-        let r = Request::new(Command::Disable { patch: "fix".into() });
+        let r = Request::new(Command::Disable {
+            patch: "fix".into(),
+        });
         let line = serde_json::to_string(&r).unwrap();
         assert_eq!(line, r#"{"v":1,"cmd":"disable","patch":"fix"}"#);
         assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), r);
 
         let e = Response::error(16, "busy");
         let line = serde_json::to_string(&e).unwrap();
-        assert_eq!(line, r#"{"v":1,"result":"error","errno":16,"message":"busy"}"#);
+        assert_eq!(
+            line,
+            r#"{"v":1,"result":"error","errno":16,"message":"busy"}"#
+        );
         assert_eq!(serde_json::from_str::<Response>(&line).unwrap(), e);
 
         let s = Response::new(Outcome::Status(Status {

@@ -18,7 +18,8 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use livepatch_core::{
-    Errno, FuncDesc, ObjectCallbacks, ObjectDesc, PatchDesc, StateCallbackKind, StateCallbacks, StateDesc, Tid,
+    Errno, FuncDesc, ObjectCallbacks, ObjectDesc, PatchDesc, StateCallbackKind, StateCallbacks,
+    StateDesc, Tid,
 };
 use livepatch_sim::{CallbackCall, ModuleState, Sim, World};
 use proptest::prelude::*;
@@ -68,13 +69,15 @@ fn patch_spec() -> impl Strategy<Value = PatchSpec> {
         prop::bool::weighted(0.1),
         prop::option::weighted(0.3, (1..3u64, 1..4u32)),
     )
-        .prop_map(|(replace, funcs, callbacks, pre_patch_fails, state)| PatchSpec {
-            replace,
-            funcs,
-            callbacks,
-            pre_patch_fails,
-            state,
-        })
+        .prop_map(
+            |(replace, funcs, callbacks, pre_patch_fails, state)| PatchSpec {
+                replace,
+                funcs,
+                callbacks,
+                pre_patch_fails,
+                state,
+            },
+        )
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -233,7 +236,12 @@ impl Run {
         match op {
             Op::Enable(spec) => {
                 let desc = self.build(spec);
-                if self.sim.core.enable_patch(&mut self.sim.world, &desc).is_ok() {
+                if self
+                    .sim
+                    .core
+                    .enable_patch(&mut self.sim.world, &desc)
+                    .is_ok()
+                {
                     self.enabled_ever.push(desc.name);
                 }
             }
@@ -250,7 +258,11 @@ impl Run {
             Op::Reverse => {
                 if let Some((name, target)) = self.sim.core.transition() {
                     let name = name.to_string();
-                    let value = if target == livepatch_core::PatchState::Patched { "0" } else { "1" };
+                    let value = if target == livepatch_core::PatchState::Patched {
+                        "0"
+                    } else {
+                        "1"
+                    };
                     self.sim
                         .sysfs_write_quiet(&format!("{name}/enabled"), value)
                         .expect("reversing the patch in transition works");
@@ -300,7 +312,10 @@ impl Run {
                     && self.object_loaded(*o)
                 {
                     let funcs = OBJECTS[*o].1;
-                    let addr = self.sim.world.func_addr(OBJECTS[*o].0, funcs[f % funcs.len()], 0);
+                    let addr = self
+                        .sim
+                        .world
+                        .func_addr(OBJECTS[*o].0, funcs[f % funcs.len()], 0);
                     self.sim.world.call(tid, addr);
                 }
             }
@@ -323,7 +338,11 @@ impl Run {
                 // Only where nothing is on the stack, as klp_update_patch_state
                 // requires.
                 if let Some(tid) = self.tid(*t)
-                    && self.sim.world.thread(tid).is_some_and(|th| th.frames.is_empty())
+                    && self
+                        .sim
+                        .world
+                        .thread(tid)
+                        .is_some_and(|th| th.frames.is_empty())
                 {
                     self.sim.world.update_patch_state(tid);
                 }
@@ -353,14 +372,20 @@ impl Run {
             self.sim.world.thread_mut(tid).expect("exists").running = false;
         }
         self.sim.check();
-        assert!(self.sim.settle(), "a transition did not finish with every thread idle");
+        assert!(
+            self.sim.settle(),
+            "a transition did not finish with every thread idle"
+        );
         while let Some(name) = self.sim.core.patch_names().first().cloned() {
             self.sim
                 .sysfs_write_quiet(&format!("{name}/enabled"), "0")
                 .expect("disabling with no transition running works");
             assert!(self.sim.settle(), "disabling {name} did not finish");
         }
-        assert!(self.sim.world.sites().is_empty(), "functions still redirected");
+        assert!(
+            self.sim.world.sites().is_empty(),
+            "functions still redirected"
+        );
         for (id, live) in &self.ledger.borrow().live_states {
             assert_eq!(*live, 0, "state {id} was set up but not released");
         }
