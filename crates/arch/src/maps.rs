@@ -1,0 +1,74 @@
+//! `/proc/self/maps`: what is mapped where, with which protection.
+
+/// One line of `/proc/self/maps`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mapping {
+    /// First address.
+    pub start: usize,
+    /// One past the last address.
+    pub end: usize,
+    /// `PROT_*` bits.
+    pub prot: i32,
+    /// The mapped file or pseudo-name (`[stack]`), empty for anonymous memory.
+    pub name: String,
+}
+
+/// The current mappings, sorted by address.
+pub fn read() -> std::io::Result<Vec<Mapping>> {
+    let text = std::fs::read_to_string("/proc/self/maps")?;
+    Ok(text.lines().filter_map(parse_line).collect())
+}
+
+fn parse_line(line: &str) -> Option<Mapping> {
+    let mut fields = line.split_ascii_whitespace();
+    let (start, end) = fields.next()?.split_once('-')?;
+    let perms = fields.next()?.as_bytes();
+    let name = fields.nth(3).unwrap_or("").to_owned();
+    let mut prot = 0;
+    if perms.first() == Some(&b'r') {
+        prot |= libc::PROT_READ;
+    }
+    if perms.get(1) == Some(&b'w') {
+        prot |= libc::PROT_WRITE;
+    }
+    if perms.get(2) == Some(&b'x') {
+        prot |= libc::PROT_EXEC;
+    }
+    Some(Mapping {
+        start: usize::from_str_radix(start, 16).ok()?,
+        end: usize::from_str_radix(end, 16).ok()?,
+        prot,
+        name,
+    })
+}
+
+/// The mapping holding `address`.
+pub fn find(maps: &[Mapping], address: usize) -> Option<&Mapping> {
+    let after = maps.partition_point(|m| m.start <= address);
+    maps[..after].last().filter(|m| address < m.end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_parse_with_and_without_names() {
+        let m = parse_line("7f00-7f80 r-xp 00001000 08:01 1234   /usr/lib/libc.so.6").unwrap();
+        assert_eq!((m.start, m.end), (0x7f00, 0x7f80));
+        assert_eq!(m.prot, libc::PROT_READ | libc::PROT_EXEC);
+        assert_eq!(m.name, "/usr/lib/libc.so.6");
+        let anon = parse_line("1000-2000 rw-p 00000000 00:00 0").unwrap();
+        assert_eq!(anon.prot, libc::PROT_READ | libc::PROT_WRITE);
+        assert!(anon.name.is_empty());
+    }
+
+    #[test]
+    fn our_own_code_is_found_executable() {
+        let maps = read().unwrap();
+        let here = our_own_code_is_found_executable as *const () as usize;
+        let m = find(&maps, here).expect("mapped");
+        assert_ne!(m.prot & libc::PROT_EXEC, 0);
+        assert!(find(&maps, 8).is_none());
+    }
+}

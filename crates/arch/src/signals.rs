@@ -1,0 +1,337 @@
+//! Async-signal-safe building blocks: raw system calls, futexes, the interrupted PC, and thread
+//! listing without allocation. Shared with the agent's own per-thread check signal.
+
+use std::sync::atomic::AtomicU32;
+use std::time::Duration;
+
+use crate::RedirectError;
+
+/// A three-argument `SA_SIGINFO` handler.
+pub type SignalHandler = extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void);
+
+/// Installs `handler` for `signal` with every signal blocked while it runs. Refuses when the
+/// program already has a handler there: we never replace the program's own handlers.
+pub fn install_handler(signal: i32, handler: SignalHandler) -> Result<(), RedirectError> {
+    if signal < libc::SIGRTMIN() || signal > libc::SIGRTMAX() {
+        return Err(RedirectError::Signal(format!(
+            "signal {signal} is not a real-time signal ({}..={})",
+            libc::SIGRTMIN(),
+            libc::SIGRTMAX()
+        )));
+    }
+    // SAFETY: sigaction is plain data; zeroed is a valid "no handler, empty mask" value.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: querying the current action with a null new action changes nothing.
+    if unsafe { libc::sigaction(signal, std::ptr::null(), &mut old) } != 0 {
+        return Err(RedirectError::Signal(format!(
+            "cannot query signal {signal}: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    if old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != handler as usize {
+        return Err(RedirectError::Signal(format!(
+            "signal {signal} already has a handler in this program; choose another with LIVEPATCH_SIGNAL"
+        )));
+    }
+    // SAFETY: as above, zeroed is a valid starting value.
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    action.sa_sigaction = handler as usize;
+    action.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+    // SAFETY: sa_mask is a valid sigset_t inside `action`.
+    unsafe { libc::sigfillset(&mut action.sa_mask) };
+    // SAFETY: `handler` is an extern "C" SA_SIGINFO handler that lives for the whole program.
+    if unsafe { libc::sigaction(signal, &action, std::ptr::null_mut()) } != 0 {
+        return Err(RedirectError::Signal(format!(
+            "cannot install a handler for signal {signal}: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
+/// The calling thread's id.
+pub fn gettid() -> i32 {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+}
+
+/// Sends `signal` (0: only check existence) to thread `tid`; false when the thread is gone.
+pub fn tgkill(pid: i32, tid: i32, signal: i32) -> bool {
+    // SAFETY: tgkill takes plain integers; it only signals threads of our own process here.
+    unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, signal) == 0 }
+}
+
+/// The calling thread's errno.
+pub fn errno() -> i32 {
+    // SAFETY: __errno_location returns the calling thread's errno slot, always valid.
+    unsafe { *libc::__errno_location() }
+}
+
+/// Sets the calling thread's errno (handlers restore it before returning).
+pub fn set_errno(value: i32) {
+    // SAFETY: as in `errno`.
+    unsafe { *libc::__errno_location() = value }
+}
+
+/// The PC the thread was interrupted at, from the handler's `ucontext_t`.
+pub fn interrupted_pc(context: *mut libc::c_void) -> usize {
+    register(context, libc::REG_RIP)
+}
+
+/// The stack pointer the thread was interrupted at.
+pub fn interrupted_sp(context: *mut libc::c_void) -> usize {
+    register(context, libc::REG_RSP)
+}
+
+fn register(context: *mut libc::c_void, index: i32) -> usize {
+    if context.is_null() {
+        return 0;
+    }
+    // SAFETY: the kernel passes a valid ucontext_t as the third argument of an SA_SIGINFO
+    // handler; we only read it.
+    unsafe { (*context.cast::<libc::ucontext_t>()).uc_mcontext.gregs[index as usize] as usize }
+}
+
+const MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE: i32 = 32;
+const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE: i32 = 64;
+
+/// Registers the process for core-serializing memory barriers; false when the kernel lacks them.
+pub fn register_sync_core() -> bool {
+    // SAFETY: membarrier takes plain integers and only affects this process.
+    unsafe {
+        libc::syscall(
+            libc::SYS_membarrier,
+            MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE,
+            0,
+        ) == 0
+    }
+}
+
+/// Makes every thread execute a serializing instruction before it runs user code again, so no
+/// core keeps a stale decoded copy of rewritten code. Harmless when unregistered (it then fails).
+pub fn sync_core() {
+    // SAFETY: as in `register_sync_core`.
+    unsafe {
+        libc::syscall(
+            libc::SYS_membarrier,
+            MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE,
+            0,
+        );
+    }
+}
+
+/// Sleeps while `*word == expected`, at most `timeout`.
+pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
+    let spec = timeout.map(|t| libc::timespec {
+        tv_sec: t.as_secs() as libc::time_t,
+        tv_nsec: t.subsec_nanos() as libc::c_long,
+    });
+    let spec_ptr = spec
+        .as_ref()
+        .map_or(std::ptr::null(), |s| s as *const libc::timespec);
+    // SAFETY: `word` is a valid, aligned 32-bit atomic for the duration of the call, and the
+    // timeout pointer is null or points to `spec`, alive until the call returns.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+            expected,
+            spec_ptr,
+        );
+    }
+}
+
+/// Wakes every thread sleeping on `word`.
+pub fn futex_wake(word: &AtomicU32) {
+    // SAFETY: `word` is a valid, aligned 32-bit atomic; FUTEX_WAKE only reads its address.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+            i32::MAX,
+        );
+    }
+}
+
+/// Whether thread `tid` of this process blocks `signal` (from `SigBlk` in its status file).
+/// Reads with raw system calls into a stack buffer: safe while other threads are parked.
+pub fn thread_blocks_signal(tid: i32, signal: i32) -> bool {
+    let mut path = [0u8; 64];
+    let prefix = b"/proc/self/task/";
+    path[..prefix.len()].copy_from_slice(prefix);
+    let mut end = prefix.len() + write_decimal(&mut path[prefix.len()..], tid as u32);
+    let suffix = b"/status\0";
+    path[end..end + suffix.len()].copy_from_slice(suffix);
+    end += suffix.len();
+    let mut buffer = [0u8; 4096];
+    // SAFETY: `path` is NUL-terminated within its bounds.
+    let fd = unsafe {
+        libc::open(
+            path[..end].as_ptr().cast(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return false;
+    }
+    let mut filled = 0;
+    loop {
+        // SAFETY: reading into the unused tail of `buffer`, within its bounds.
+        let n = unsafe {
+            libc::read(
+                fd,
+                buffer[filled..].as_mut_ptr().cast(),
+                buffer.len() - filled,
+            )
+        };
+        if n <= 0 {
+            break;
+        }
+        filled += n as usize;
+        if filled == buffer.len() {
+            break;
+        }
+    }
+    // SAFETY: `fd` was opened above and is closed once.
+    unsafe { libc::close(fd) };
+    let text = &buffer[..filled];
+    let Some(at) = text.windows(7).position(|w| w == b"SigBlk:") else {
+        return false;
+    };
+    let mask = text[at + 7..]
+        .iter()
+        .skip_while(|b| b.is_ascii_whitespace())
+        .take_while(|b| b.is_ascii_hexdigit())
+        .fold(0u64, |acc, &b| {
+            acc << 4 | (b as char).to_digit(16).expect("hex digit") as u64
+        });
+    mask & (1u64 << (signal - 1)) != 0
+}
+
+fn write_decimal(out: &mut [u8], mut value: u32) -> usize {
+    let mut digits = [0u8; 10];
+    let mut n = 0;
+    loop {
+        digits[n] = b'0' + (value % 10) as u8;
+        n += 1;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    for i in 0..n {
+        out[i] = digits[n - 1 - i];
+    }
+    n
+}
+
+/// Lists `/proc/self/task` with `getdents64` into a fixed buffer.
+#[derive(Debug)]
+pub struct TaskListing {
+    buffer: [u8; 16384],
+}
+
+impl Default for TaskListing {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TaskListing {
+    /// A listing buffer; keep it alive across passes so no pass allocates.
+    pub fn new() -> Self {
+        Self { buffer: [0; 16384] }
+    }
+
+    /// Calls `each` with every thread id of the process.
+    pub fn for_each_tid(&mut self, mut each: impl FnMut(i32)) {
+        // SAFETY: the path is a NUL-terminated literal.
+        let fd = unsafe {
+            libc::open(
+                c"/proc/self/task".as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return;
+        }
+        loop {
+            // SAFETY: getdents64 writes at most `len` bytes into our buffer.
+            let n = unsafe {
+                libc::syscall(
+                    libc::SYS_getdents64,
+                    fd,
+                    self.buffer.as_mut_ptr(),
+                    self.buffer.len(),
+                )
+            };
+            if n <= 0 {
+                break;
+            }
+            let mut offset = 0usize;
+            while offset < n as usize {
+                // linux_dirent64: u64 ino, i64 off, u16 reclen, u8 type, char name[].
+                let record = &self.buffer[offset..n as usize];
+                let reclen = u16::from_ne_bytes([record[16], record[17]]) as usize;
+                let name = &record[19..reclen];
+                let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+                if !name.is_empty() && name.iter().all(u8::is_ascii_digit) {
+                    let tid = name
+                        .iter()
+                        .fold(0i32, |acc, &b| acc * 10 + i32::from(b - b'0'));
+                    each(tid);
+                }
+                offset += reclen.max(1);
+            }
+        }
+        // SAFETY: `fd` was opened above and is closed once.
+        unsafe { libc::close(fd) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listing_finds_this_thread_and_a_new_one() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let helper = std::thread::spawn(move || {
+            tx.send(gettid()).unwrap();
+            stop_rx.recv().ok();
+        });
+        let helper_tid = rx.recv().unwrap();
+        let mut tids = Vec::new();
+        TaskListing::new().for_each_tid(|t| tids.push(t));
+        assert!(tids.contains(&gettid()));
+        assert!(tids.contains(&helper_tid));
+        stop_tx.send(()).unwrap();
+        helper.join().unwrap();
+    }
+
+    #[test]
+    fn a_blocked_signal_is_seen_in_the_status_file() {
+        let signal = libc::SIGRTMIN() + 3;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let helper = std::thread::spawn(move || {
+            // SAFETY: sigset operations on a local set, then masking this thread only.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, signal);
+                libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            }
+            tx.send(gettid()).unwrap();
+            stop_rx.recv().ok();
+        });
+        let tid = rx.recv().unwrap();
+        assert!(thread_blocks_signal(tid, signal));
+        assert!(!thread_blocks_signal(gettid(), signal));
+        stop_tx.send(()).unwrap();
+        helper.join().unwrap();
+    }
+}

@@ -1,0 +1,229 @@
+//! Stopping every other thread of the process while code is rewritten.
+//!
+//! Each other thread gets a real-time signal and parks in its handler until the writer releases
+//! it; the writer reads each parked thread's interrupted PC so it never rewrites bytes a thread is
+//! in the middle of. Threads are listed with raw `getdents64` and their records live in a static
+//! table found by thread id, so nothing here allocates or locks once the first thread is parked
+//! (a parked thread may hold the allocator's lock).
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::RedirectError;
+
+/// Most threads a process may have while it is stopped.
+pub const MAX_THREADS: usize = 16384;
+
+/// How long the writer waits for every thread to park before it gives up.
+const PARK_DEADLINE: Duration = Duration::from_secs(2);
+
+/// How long a thread may block the stop signal before we call it deliberate.
+const BLOCKED_GRACE: Duration = Duration::from_millis(100);
+
+struct ParkedThread {
+    tid: AtomicI32,
+    pc: AtomicUsize,
+    arrived: AtomicBool,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const EMPTY: ParkedThread = ParkedThread {
+    tid: AtomicI32::new(0),
+    pc: AtomicUsize::new(0),
+    arrived: AtomicBool::new(false),
+};
+
+static TABLE: [ParkedThread; MAX_THREADS] = [EMPTY; MAX_THREADS];
+/// Entries of `TABLE` in use by the current stop.
+static LISTED: AtomicUsize = AtomicUsize::new(0);
+/// Parked (or exited) threads of the current stop; a futex word.
+static ARRIVED: AtomicU32 = AtomicU32::new(0);
+/// Bumped to release parked threads; a futex word.
+static RELEASE: AtomicU32 = AtomicU32::new(0);
+/// The installed signal, 0 when none.
+static SIGNAL: AtomicI32 = AtomicI32::new(0);
+/// One writer at a time.
+static WRITER: Mutex<()> = Mutex::new(());
+
+/// Installs the handler for `signal`. Refuses when the program already handles that signal.
+pub fn install(signal: i32) -> Result<(), RedirectError> {
+    let current = SIGNAL.load(Ordering::Acquire);
+    if current == signal {
+        return Ok(());
+    }
+    if current != 0 {
+        return Err(RedirectError::Signal(format!(
+            "the stop signal is already {current}, cannot switch to {signal}"
+        )));
+    }
+    crate::signals::install_handler(signal, on_stop_signal)?;
+    SIGNAL.store(signal, Ordering::Release);
+    Ok(())
+}
+
+/// The signal in use, if installed.
+pub fn signal() -> Option<i32> {
+    match SIGNAL.load(Ordering::Acquire) {
+        0 => None,
+        s => Some(s),
+    }
+}
+
+extern "C" fn on_stop_signal(_: libc::c_int, _: *mut libc::siginfo_t, context: *mut libc::c_void) {
+    let saved_errno = crate::signals::errno();
+    let generation = RELEASE.load(Ordering::SeqCst);
+    let tid = crate::signals::gettid();
+    let listed = LISTED.load(Ordering::SeqCst).min(MAX_THREADS);
+    let Some(record) = TABLE[..listed]
+        .iter()
+        .find(|r| r.tid.load(Ordering::Acquire) == tid)
+    else {
+        // A late signal from a stop that gave up on this thread: nothing to do.
+        return;
+    };
+    record
+        .pc
+        .store(crate::signals::interrupted_pc(context), Ordering::Relaxed);
+    if record.arrived.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    ARRIVED.fetch_add(1, Ordering::Release);
+    crate::signals::futex_wake(&ARRIVED);
+    while RELEASE.load(Ordering::Acquire) == generation {
+        crate::signals::futex_wait(&RELEASE, generation, None);
+    }
+    crate::signals::set_errno(saved_errno);
+}
+
+/// Every other thread parked; dropping it releases them.
+#[derive(Debug)]
+pub struct StoppedWorld {
+    _writer: std::sync::MutexGuard<'static, ()>,
+}
+
+impl StoppedWorld {
+    /// Interrupted PCs of the parked threads, with their thread ids (exited threads excluded).
+    pub fn parked_pcs(&self) -> impl Iterator<Item = (i32, usize)> + '_ {
+        TABLE[..LISTED.load(Ordering::Acquire)]
+            .iter()
+            .map(|r| (r.tid.load(Ordering::Relaxed), r.pc.load(Ordering::Relaxed)))
+            .filter(|&(_, pc)| pc != 0)
+    }
+}
+
+impl Drop for StoppedWorld {
+    fn drop(&mut self) {
+        release();
+    }
+}
+
+fn release() {
+    // Forget the listed threads first: a signal still pending for a thread that never parked
+    // then finds no record and returns, instead of parking until some later stop releases it.
+    LISTED.store(0, Ordering::SeqCst);
+    RELEASE.fetch_add(1, Ordering::SeqCst);
+    crate::signals::futex_wake(&RELEASE);
+}
+
+/// Parks every other thread of the process. Allocates nothing after the first signal is sent.
+pub fn stop() -> Result<StoppedWorld, RedirectError> {
+    let Some(signal) = signal() else {
+        return Err(RedirectError::Signal(
+            "no stop signal installed (call install_stop_signal first)".into(),
+        ));
+    };
+    let writer = WRITER.lock().unwrap_or_else(|e| e.into_inner());
+    let world = StoppedWorld { _writer: writer };
+    LISTED.store(0, Ordering::Release);
+    ARRIVED.store(0, Ordering::Release);
+    let own_tid = crate::signals::gettid();
+    let pid = std::process::id() as i32;
+    let started = Instant::now();
+    let deadline = started + PARK_DEADLINE;
+    let mut listing = crate::signals::TaskListing::new();
+    loop {
+        let mut new_threads = 0;
+        let mut failure = None;
+        listing.for_each_tid(|tid| {
+            if tid == own_tid || failure.is_some() {
+                return;
+            }
+            let listed = LISTED.load(Ordering::Relaxed);
+            if TABLE[..listed]
+                .iter()
+                .any(|r| r.tid.load(Ordering::Relaxed) == tid)
+            {
+                return;
+            }
+            if listed == MAX_THREADS {
+                failure = Some(RedirectError::TooManyThreads(MAX_THREADS));
+                return;
+            }
+            let record = &TABLE[listed];
+            record.tid.store(tid, Ordering::Relaxed);
+            record.pc.store(0, Ordering::Relaxed);
+            record.arrived.store(false, Ordering::Relaxed);
+            LISTED.store(listed + 1, Ordering::Release);
+            new_threads += 1;
+            if !crate::signals::tgkill(pid, tid, signal) {
+                // The thread exited since it was listed.
+                record.arrived.store(true, Ordering::Relaxed);
+                ARRIVED.fetch_add(1, Ordering::Release);
+            }
+        });
+        if let Some(failure) = failure {
+            drop(world);
+            return Err(failure);
+        }
+        if new_threads == 0 {
+            // Every thread listed before this pass was parked when it started, so none could
+            // have created a thread this pass missed.
+            return Ok(world);
+        }
+        loop {
+            let arrived = ARRIVED.load(Ordering::Acquire);
+            if arrived as usize >= LISTED.load(Ordering::Acquire) {
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let missing = TABLE[..LISTED.load(Ordering::Acquire)]
+                    .iter()
+                    .find(|r| !r.arrived.load(Ordering::Acquire))
+                    .map_or(0, |r| r.tid.load(Ordering::Relaxed));
+                drop(world);
+                return Err(RedirectError::ThreadDidNotStop {
+                    tid: missing,
+                    waited: PARK_DEADLINE,
+                });
+            }
+            let wait = (deadline - now).min(Duration::from_millis(10));
+            crate::signals::futex_wait(&ARRIVED, arrived, Some(wait));
+            // Threads block every signal for a moment while they start and exit; one that
+            // still blocks ours after a while does so on purpose and cannot be parked.
+            if now - started > BLOCKED_GRACE
+                && let Some(record) = TABLE[..LISTED.load(Ordering::Acquire)].iter().find(|r| {
+                    !r.arrived.load(Ordering::Acquire)
+                        && crate::signals::thread_blocks_signal(
+                            r.tid.load(Ordering::Relaxed),
+                            signal,
+                        )
+                })
+            {
+                let tid = record.tid.load(Ordering::Relaxed);
+                drop(world);
+                return Err(RedirectError::SignalBlocked { tid, signal });
+            }
+            // A thread that exits with the signal pending never runs the handler.
+            for record in &TABLE[..LISTED.load(Ordering::Acquire)] {
+                if !record.arrived.load(Ordering::Acquire)
+                    && !crate::signals::tgkill(pid, record.tid.load(Ordering::Relaxed), 0)
+                    && !record.arrived.swap(true, Ordering::AcqRel)
+                {
+                    ARRIVED.fetch_add(1, Ordering::Release);
+                }
+            }
+        }
+    }
+}
