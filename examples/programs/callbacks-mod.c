@@ -16,7 +16,7 @@ __attribute__((destructor)) static void callbacks_mod_exit(void)
 	fflush(stdout);
 }
 
-__attribute__((noinline)) const char *plugin_hello(void)
+__attribute__((noinline, noipa)) const char *plugin_hello(void)
 {
 	return "hello from the plugin";
 }

@@ -22,12 +22,12 @@ static void on_term(int sig)
 }
 
 /* The function to fix. noinline: a patch replaces calls to it. */
-__attribute__((noinline)) const char *greeting(void)
+__attribute__((noinline, noipa)) const char *greeting(void)
 {
 	return "hello from the original greeting";
 }
 
-__attribute__((noinline)) int farewell(char *buf, size_t len)
+__attribute__((noinline, noipa)) int farewell(char *buf, size_t len)
 {
 	return snprintf(buf, len, "goodbye from the original farewell");
 }

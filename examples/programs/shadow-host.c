@@ -39,7 +39,7 @@ void leak_release(void *leak)
 	leaked_buffers--;
 }
 
-__attribute__((noinline)) struct dummy *dummy_alloc(void)
+__attribute__((noinline, noipa)) struct dummy *dummy_alloc(void)
 {
 	struct dummy *d = calloc(1, sizeof(*d));
 	int *leak = malloc(sizeof(int));
@@ -52,13 +52,13 @@ __attribute__((noinline)) struct dummy *dummy_alloc(void)
 	return d;
 }
 
-__attribute__((noinline)) void dummy_free(struct dummy *d)
+__attribute__((noinline, noipa)) void dummy_free(struct dummy *d)
 {
 	free(d);
 	live_dummies--;
 }
 
-__attribute__((noinline)) int dummy_check(struct dummy *d, unsigned long t)
+__attribute__((noinline, noipa)) int dummy_check(struct dummy *d, unsigned long t)
 {
 	return t >= d->expire;
 }

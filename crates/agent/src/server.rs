@@ -1,0 +1,179 @@
+//! The control socket: a Unix socket per process in a well-known directory,
+//! served by the agent's one control thread, which also runs the
+//! transition work between requests.
+//!
+//! One thread serves every connection with `poll`, so the agent never adds
+//! more than one thread to the program. Only the process's own user and
+//! root may connect (checked with the peer's credentials).
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use livepatch_protocol::{Request, Response, VERSION, socket_dir};
+
+use crate::runtime::Agent;
+
+/// The longest a request line may be.
+const MAX_LINE: usize = 64 * 1024;
+
+struct Connection {
+    stream: UnixStream,
+    buf: Vec<u8>,
+}
+
+/// Creates the socket of this process: `<dir>/<pid>.sock`, mode 0600, in a
+/// directory everybody may create sockets in (mode 1777, like /tmp).
+pub fn bind(pid: u32) -> std::io::Result<(UnixListener, PathBuf)> {
+    let dir = socket_dir();
+    if !dir.exists() {
+        std::fs::create_dir_all(&dir)?;
+        // Sticky and world-writable: each user's agents can put their
+        // sockets here, and none can remove another's.
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777));
+    }
+    let path = dir.join(format!("{pid}.sock"));
+    // A socket left by an earlier process with the same pid.
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    listener.set_nonblocking(true)?;
+    Ok((listener, path))
+}
+
+/// Whether the peer is this process's user or root.
+fn peer_allowed(stream: &UnixStream) -> bool {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED fills a ucred of `len` bytes on a connected Unix
+    // socket we own.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: getuid cannot fail.
+    let me = unsafe { libc::getuid() };
+    r == 0 && (cred.uid == 0 || cred.uid == me)
+}
+
+/// Serves the socket forever, running the transition work when it is due.
+pub fn serve(agent: &'static Agent, listener: UnixListener) {
+    crate::loader::set_control_thread();
+    let mut conns: Vec<Connection> = Vec::new();
+    loop {
+        let timeout = agent
+            .until_next_work()
+            .map(|d| d.min(Duration::from_secs(1)))
+            .unwrap_or(Duration::from_secs(1));
+        let mut fds: Vec<libc::pollfd> = std::iter::once(listener.as_raw_fd())
+            .chain(conns.iter().map(|c| c.stream.as_raw_fd()))
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let ms = timeout.as_millis().clamp(0, i32::MAX as u128) as i32;
+        // SAFETY: `fds` is a valid array of pollfd of the given length.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if n > 0 {
+            if fds[0].revents & libc::POLLIN != 0 {
+                accept_all(&listener, &mut conns);
+            }
+            let mut closed = Vec::new();
+            for (i, fd) in fds.iter().enumerate().skip(1) {
+                if fd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
+                    && !serve_connection(agent, &mut conns[i - 1])
+                {
+                    closed.push(i - 1);
+                }
+            }
+            for i in closed.into_iter().rev() {
+                conns.remove(i);
+            }
+        }
+        agent.run_work();
+    }
+}
+
+fn accept_all(listener: &UnixListener, conns: &mut Vec<Connection>) {
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                if !peer_allowed(&stream) {
+                    continue;
+                }
+                if stream.set_nonblocking(true).is_ok() {
+                    conns.push(Connection {
+                        stream,
+                        buf: Vec::new(),
+                    });
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        }
+    }
+}
+
+/// Reads what the peer sent and answers every complete line. Returns false
+/// when the connection is finished.
+fn serve_connection(agent: &'static Agent, conn: &mut Connection) -> bool {
+    let mut chunk = [0u8; 4096];
+    loop {
+        match conn.stream.read(&mut chunk) {
+            Ok(0) => return false,
+            Ok(n) => conn.buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(_) => return false,
+        }
+        if conn.buf.len() > MAX_LINE {
+            let _ = reply(
+                &mut conn.stream,
+                &Response::error(libc::E2BIG, "request line too long"),
+            );
+            return false;
+        }
+    }
+    while let Some(end) = conn.buf.iter().position(|b| *b == b'\n') {
+        let line: Vec<u8> = conn.buf.drain(..=end).collect();
+        let response = match serde_json::from_slice::<Request>(&line) {
+            Ok(req) if req.v != VERSION => Response::error(
+                libc::EPROTO,
+                format!(
+                    "the client speaks protocol {} and the agent {VERSION}",
+                    req.v
+                ),
+            ),
+            Ok(req) => agent.handle(req.command),
+            Err(e) => Response::error(libc::EINVAL, format!("malformed request: {e}")),
+        };
+        if reply(&mut conn.stream, &response).is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+fn reply(stream: &mut UnixStream, response: &Response) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(response).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    stream.set_nonblocking(false)?;
+    let r = stream.write_all(&line);
+    stream.set_nonblocking(true)?;
+    r
+}

@@ -1,0 +1,726 @@
+//! Threads and the consistency model: one record per thread, reachable
+//! without allocation from the stub's slow path and from signal handlers,
+//! and the check rounds in which each pending thread examines its own stack
+//! in a signal handler and switches itself when clean.
+//!
+//! Safety model of this module:
+//! 1. Records live in chunks that are allocated by the control thread and
+//!    never freed; a record is found from a thread id with two loads, so the
+//!    signal handler and the slow path never allocate or lock.
+//! 2. A record's state byte (state and pending flag) changes only by
+//!    compare-and-swap, so a thread switching itself (handler, switch point)
+//!    and the control thread never lose each other's update.
+//! 3. The handler acts only on the check configuration published for the
+//!    current round, and counts itself in `IN_FLIGHT` before reading it: the
+//!    control thread retires a configuration only after unpublishing it and
+//!    seeing `IN_FLIGHT` drop to zero, so no handler reads freed memory or
+//!    switches a thread on a stale configuration.
+//! 4. The handler reads only the interrupted thread's own stack, between its
+//!    stack pointer and the end of the mapping that holds it, as listed in
+//!    the configuration; a stack pointer outside every listed mapping, or a
+//!    thread running on an alternate signal stack, makes the stack
+//!    "unreliable" rather than clean.
+//! 5. The handler saves and restores `errno` and makes only async-signal-safe
+//!    system calls (gettid, sigaltstack, futex).
+
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use livepatch_core::{PatchState, SwitchResult, ThreadState, Tid};
+
+/// The highest thread id plus one (`PID_MAX_LIMIT`).
+const TID_LIMIT: usize = 1 << 22;
+const CHUNK_SHIFT: usize = 10;
+const CHUNK_LEN: usize = 1 << CHUNK_SHIFT;
+const CHUNKS: usize = TID_LIMIT >> CHUNK_SHIFT;
+
+/// One thread's record.
+#[derive(Debug)]
+#[repr(C, align(32))]
+pub struct ThreadRecord {
+    /// The thread id the record belongs to; 0 when free.
+    tid: AtomicI32,
+    /// [`pack`]ed state and pending flag.
+    state: AtomicU8,
+    /// Set by the thread while it is inside the stub's slow path.
+    in_slow_path: AtomicU8,
+    /// Result of the last check: kind.
+    result_kind: AtomicU8,
+    /// The check round the thread must answer.
+    request: AtomicU64,
+    /// The last check round the thread answered.
+    answered: AtomicU64,
+    /// Result of the last check: index of the blocking range.
+    result_index: AtomicU32,
+}
+
+impl ThreadRecord {
+    const fn new() -> Self {
+        ThreadRecord {
+            tid: AtomicI32::new(0),
+            state: AtomicU8::new(IDLE),
+            in_slow_path: AtomicU8::new(0),
+            result_kind: AtomicU8::new(0),
+            request: AtomicU64::new(0),
+            answered: AtomicU64::new(0),
+            result_index: AtomicU32::new(0),
+        }
+    }
+}
+
+type Chunk = [ThreadRecord; CHUNK_LEN];
+
+static CHUNK_TABLE: [AtomicPtr<Chunk>; CHUNKS] =
+    [const { AtomicPtr::new(std::ptr::null_mut()) }; CHUNKS];
+
+const IDLE: u8 = 0;
+const UNPATCHED: u8 = 1;
+const PATCHED: u8 = 2;
+const PENDING: u8 = 4;
+
+/// Encodes a thread state in one byte.
+pub fn pack(ts: ThreadState) -> u8 {
+    let s = match ts.state {
+        PatchState::Idle => IDLE,
+        PatchState::Unpatched => UNPATCHED,
+        PatchState::Patched => PATCHED,
+    };
+    if ts.pending { s | PENDING } else { s }
+}
+
+/// Decodes [`pack`].
+pub fn unpack(b: u8) -> ThreadState {
+    let state = match b & 3 {
+        UNPATCHED => PatchState::Unpatched,
+        PATCHED => PatchState::Patched,
+        _ => PatchState::Idle,
+    };
+    ThreadState {
+        state,
+        pending: b & PENDING != 0,
+    }
+}
+
+/// `klp_target_state`, [`pack`]ed: what a switch point switches a pending
+/// thread to.
+static TARGET: AtomicU8 = AtomicU8::new(IDLE);
+
+/// [`pack`]ed state of threads born from now on (`klp_copy_process`).
+static NEW_THREAD: AtomicU8 = AtomicU8::new(IDLE);
+
+/// Publishes the state of threads born from now on.
+pub fn set_new_thread_state(ts: ThreadState) {
+    NEW_THREAD.store(pack(ts), Ordering::SeqCst);
+}
+
+/// The state of a thread found after its birth, whose past is unknown: like
+/// a thread that existed before the transition, the initial state, pending
+/// once the transition started (new threads are at the target then).
+fn discovered_state() -> u8 {
+    let new = unpack(NEW_THREAD.load(Ordering::SeqCst));
+    let target = unpack(TARGET.load(Ordering::SeqCst)).state;
+    if new.state == PatchState::Idle || target == PatchState::Idle {
+        IDLE
+    } else if new.state == target {
+        pack(ThreadState {
+            state: target.opposite(),
+            pending: true,
+        })
+    } else {
+        pack(new)
+    }
+}
+
+/// Publishes `klp_target_state`.
+pub fn set_target(target: PatchState) {
+    TARGET.store(
+        pack(ThreadState {
+            state: target,
+            pending: false,
+        }),
+        Ordering::SeqCst,
+    );
+}
+
+/// The published `klp_target_state`.
+pub fn target() -> PatchState {
+    unpack(TARGET.load(Ordering::SeqCst)).state
+}
+
+/// The calling thread's id (async-signal-safe).
+pub fn gettid() -> Tid {
+    // SAFETY: gettid has no arguments and cannot fail.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+    tid as Tid
+}
+
+fn slot(tid: Tid) -> Option<(usize, usize)> {
+    let t = usize::try_from(tid)
+        .ok()
+        .filter(|t| *t > 0 && *t < TID_LIMIT)?;
+    Some((t >> CHUNK_SHIFT, t & (CHUNK_LEN - 1)))
+}
+
+/// The record slot of `tid`, if its chunk exists (any context).
+fn slot_record(tid: Tid) -> Option<&'static ThreadRecord> {
+    let (chunk, index) = slot(tid)?;
+    let p = CHUNK_TABLE[chunk].load(Ordering::Acquire);
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: chunks are never freed once published (rule 1), and `index`
+    // is within the chunk.
+    Some(unsafe { &(*p)[index] })
+}
+
+/// The record of `tid` if it belongs to it (any context).
+pub fn record(tid: Tid) -> Option<&'static ThreadRecord> {
+    slot_record(tid).filter(|r| r.tid.load(Ordering::Acquire) == tid)
+}
+
+/// The record slot of `tid`, allocating its chunk (control thread only).
+fn ensure_slot(tid: Tid) -> Option<&'static ThreadRecord> {
+    let (chunk, _) = slot(tid)?;
+    if CHUNK_TABLE[chunk].load(Ordering::Acquire).is_null() {
+        let fresh: Box<Chunk> = Box::new([const { ThreadRecord::new() }; CHUNK_LEN]);
+        let fresh = Box::into_raw(fresh);
+        if CHUNK_TABLE[chunk]
+            .compare_exchange(
+                std::ptr::null_mut(),
+                fresh,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_err()
+        {
+            // SAFETY: `fresh` was never published; we still own it.
+            drop(unsafe { Box::from_raw(fresh) });
+        }
+    }
+    slot_record(tid)
+}
+
+/// Makes sure the chunks that hold `tid` and the ids the kernel hands out
+/// next exist, so that threads created soon find their slot without
+/// allocating (control thread only).
+pub fn prepare(tid: Tid) {
+    ensure_slot(tid);
+    ensure_slot(tid.saturating_add(CHUNK_LEN as Tid));
+}
+
+/// The record of a thread the control thread saw in /proc, claimed for it
+/// if it had none (control thread only).
+pub fn register(tid: Tid) -> Option<&'static ThreadRecord> {
+    let rec = ensure_slot(tid)?;
+    if rec.tid.load(Ordering::Acquire) != tid {
+        claim(rec, tid, discovered_state());
+    }
+    Some(rec)
+}
+
+/// Registers the calling thread at its birth, before it runs any code of
+/// the program, in the state of new threads.
+pub fn register_birth() {
+    let tid = gettid();
+    if let Some(rec) = ensure_slot(tid) {
+        claim(rec, tid, NEW_THREAD.load(Ordering::SeqCst));
+    }
+}
+
+/// Takes a slot for `tid` in `state`.
+fn claim(rec: &ThreadRecord, tid: Tid, state: u8) {
+    rec.state.store(state, Ordering::SeqCst);
+    rec.request.store(0, Ordering::Relaxed);
+    rec.tid.store(tid, Ordering::Release);
+}
+
+/// Frees the record of a thread that exited (control thread only).
+pub fn forget(tid: Tid) {
+    if let Some(rec) = record(tid) {
+        rec.tid.store(0, Ordering::Release);
+        rec.state.store(IDLE, Ordering::SeqCst);
+    }
+}
+
+/// A thread's state, `None` if it has no record.
+pub fn state_of(tid: Tid) -> Option<ThreadState> {
+    record(tid).map(|r| unpack(r.state.load(Ordering::SeqCst)))
+}
+
+/// Sets a thread's state (control thread only). Uses compare-and-swap so
+/// that a concurrent self-switch is never overwritten with a decision made
+/// on older information: the new value is derived from the value replaced.
+pub fn set_state(tid: Tid, f: impl Fn(ThreadState) -> ThreadState) {
+    let Some(rec) = register(tid) else { return };
+    let mut cur = rec.state.load(Ordering::SeqCst);
+    loop {
+        let new = pack(f(unpack(cur)));
+        match rec
+            .state
+            .compare_exchange(cur, new, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) => return,
+            Err(actual) => cur = actual,
+        }
+    }
+}
+
+/// The state the calling thread runs in, for the stub's slow path. A thread
+/// without a record was not seen being born: it gets the state of a
+/// discovered thread, recorded if its slot exists.
+pub fn current_state() -> PatchState {
+    let tid = gettid();
+    match slot_record(tid) {
+        Some(rec) if rec.tid.load(Ordering::Acquire) == tid => {
+            unpack(rec.state.load(Ordering::SeqCst)).state
+        }
+        Some(rec) => {
+            claim(rec, tid, discovered_state());
+            unpack(rec.state.load(Ordering::SeqCst)).state
+        }
+        None => unpack(discovered_state()).state,
+    }
+}
+
+/// `klp_update_patch_state()` for the calling thread: a pending thread takes
+/// the target state; no stack check (the caller promises nothing patched is
+/// on its stack).
+pub fn update_patch_state() {
+    let Some(rec) = record(gettid()) else { return };
+    let cur = rec.state.load(Ordering::SeqCst);
+    if cur & PENDING == 0 {
+        return;
+    }
+    let target = TARGET.load(Ordering::SeqCst);
+    // Fails only if the control thread or a handler changed the state in
+    // between; then there is nothing left to do here.
+    let _ = rec
+        .state
+        .compare_exchange(cur, target, Ordering::SeqCst, Ordering::SeqCst);
+}
+
+/// Marks the calling thread as inside (or out of) the stub's slow path, for
+/// [`synchronize`].
+pub fn set_in_slow_path(inside: bool) {
+    if let Some(rec) = record(gettid()) {
+        rec.in_slow_path.store(u8::from(inside), Ordering::SeqCst);
+    }
+}
+
+/// Waits until no thread of `tids` is inside the slow path
+/// (`klp_synchronize_transition`).
+pub fn synchronize(tids: &[Tid]) {
+    for &tid in tids {
+        if let Some(rec) = record(tid) {
+            let start = Instant::now();
+            while rec.in_slow_path.load(Ordering::SeqCst) != 0 {
+                // A thread can be preempted in the slow path; it leaves it
+                // within a few instructions once it runs.
+                if start.elapsed() > Duration::from_secs(5) {
+                    break;
+                }
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+/// A code range for the handler: `[start, end)` and the index of the core's
+/// range it stands for (the lowest index when several overlap).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CheckRange {
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+    /// Index of the blocking range in the core's order.
+    pub index: u32,
+}
+
+/// What the handlers of one check round need, prepared by the control
+/// thread.
+#[derive(Debug)]
+pub struct CheckConfig {
+    round: u64,
+    /// Packed state a clean thread switches from (initial, pending).
+    from: u8,
+    /// Packed state it switches to.
+    to: u8,
+    /// Disjoint ranges sorted by start.
+    ranges: Vec<CheckRange>,
+    /// Writable mappings that may hold stacks, sorted by start.
+    stacks: Vec<(u64, u64)>,
+    /// Code where a thread must not be interrupted to switch (slow paths).
+    unsafe_pcs: Vec<(u64, u64)>,
+}
+
+static CONFIG: AtomicPtr<CheckConfig> = AtomicPtr::new(std::ptr::null_mut());
+static IN_FLIGHT: AtomicU32 = AtomicU32::new(0);
+static ACKS: AtomicU32 = AtomicU32::new(0);
+static ROUND: AtomicU64 = AtomicU64::new(0);
+
+const RESULT_SWITCHED: u8 = 1;
+const RESULT_BLOCKED: u8 = 2;
+const RESULT_UNRELIABLE: u8 = 3;
+const RESULT_RACED: u8 = 4;
+
+/// Splits possibly overlapping ranges into disjoint ones, each carrying the
+/// lowest index of the ranges that cover it.
+pub fn disjoint(ranges: &[(u64, u64, u32)]) -> Vec<CheckRange> {
+    let mut points: Vec<u64> = ranges.iter().flat_map(|r| [r.0, r.1]).collect();
+    points.sort_unstable();
+    points.dedup();
+    let mut out: Vec<CheckRange> = Vec::new();
+    for w in points.windows(2) {
+        let (a, b) = (w[0], w[1]);
+        let best = ranges
+            .iter()
+            .filter(|r| r.0 <= a && b <= r.1)
+            .map(|r| r.2)
+            .min();
+        if let Some(index) = best {
+            match out.last_mut() {
+                Some(last) if last.end == a && last.index == index => last.end = b,
+                _ => out.push(CheckRange {
+                    start: a,
+                    end: b,
+                    index,
+                }),
+            }
+        }
+    }
+    out
+}
+
+fn find(ranges: &[CheckRange], addr: u64) -> Option<u32> {
+    let i = ranges.partition_point(|r| r.start <= addr);
+    let r = ranges.get(i.checked_sub(1)?)?;
+    (addr < r.end).then_some(r.index)
+}
+
+fn mapping_end(stacks: &[(u64, u64)], sp: u64) -> Option<u64> {
+    let i = stacks.partition_point(|m| m.0 <= sp);
+    let m = stacks.get(i.checked_sub(1)?)?;
+    (sp < m.1).then_some(m.1)
+}
+
+/// The longest stack the handler scans; beyond it the stack is unreliable.
+const MAX_SCAN: u64 = 64 << 20;
+
+enum Verdict {
+    Clean,
+    Blocked(u32),
+    Unreliable,
+    Raced,
+}
+
+/// The stack check of one thread, from its interrupted PC and stack
+/// pointer: the PC and every word between the stack pointer and the top of
+/// its stack against the ranges. A conservative scan: every return address
+/// of every live frame is on the stack, so it never says clean wrongly; a
+/// stale word that looks like a return address only delays the switch.
+fn check_stack(cfg: &CheckConfig, pc: u64, sp: u64) -> Verdict {
+    if cfg.unsafe_pcs.iter().any(|&(a, b)| pc >= a && pc < b) {
+        return Verdict::Unreliable;
+    }
+    let mut best = find(&cfg.ranges, pc);
+    let Some(top) = mapping_end(&cfg.stacks, sp) else {
+        return Verdict::Unreliable;
+    };
+    if top - sp > MAX_SCAN || !sp.is_multiple_of(8) {
+        return Verdict::Unreliable;
+    }
+    let mut p = sp;
+    while p < top {
+        // SAFETY: [sp, top) lies in the mapping that holds this thread's
+        // stack pointer (rule 4), which stays mapped while the thread runs
+        // this handler on it; `p` is 8-byte aligned.
+        let word = unsafe { std::ptr::read_volatile(p as *const u64) };
+        if let Some(i) = find(&cfg.ranges, word) {
+            best = Some(best.map_or(i, |b| b.min(i)));
+        }
+        p += 8;
+    }
+    match best {
+        Some(i) => Verdict::Blocked(i),
+        None => Verdict::Clean,
+    }
+}
+
+/// Whether the calling thread runs on its alternate signal stack.
+fn on_alt_stack() -> bool {
+    let mut ss = std::mem::MaybeUninit::<libc::stack_t>::zeroed();
+    // SAFETY: querying only (NULL new stack); `ss` is valid for writes.
+    let r = unsafe { libc::sigaltstack(std::ptr::null(), ss.as_mut_ptr()) };
+    // SAFETY: zero-initialized and filled by a successful call.
+    r == 0 && unsafe { ss.assume_init() }.ss_flags & libc::SS_ONSTACK != 0
+}
+
+/// The body of the check signal's handler.
+///
+/// # Safety
+/// `ctx` is the `ucontext_t` the kernel passed to a SA_SIGINFO handler.
+pub unsafe fn handle_check_signal(ctx: *mut c_void) {
+    IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
+    let cfg = CONFIG.load(Ordering::SeqCst);
+    if !cfg.is_null() {
+        // SAFETY: a published configuration stays valid while IN_FLIGHT
+        // counts us (rule 3).
+        let cfg = unsafe { &*cfg };
+        // SAFETY: the caller passes the handler's ucontext.
+        unsafe { answer(cfg, ctx) };
+    }
+    IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// # Safety
+/// As [`handle_check_signal`].
+unsafe fn answer(cfg: &CheckConfig, ctx: *mut c_void) {
+    let Some(rec) = record(gettid()) else { return };
+    if rec.request.load(Ordering::Acquire) != cfg.round {
+        return;
+    }
+    if rec.answered.load(Ordering::Acquire) == cfg.round {
+        return;
+    }
+    // SAFETY: the kernel passes a valid ucontext_t to SA_SIGINFO handlers.
+    let uc = unsafe { &*(ctx as *const libc::ucontext_t) };
+    let pc = uc.uc_mcontext.gregs[libc::REG_RIP as usize] as u64;
+    let sp = uc.uc_mcontext.gregs[libc::REG_RSP as usize] as u64;
+    let verdict = if rec.in_slow_path.load(Ordering::SeqCst) != 0 {
+        // Interrupted while choosing a target from its state: switching now could let it run
+        // the code of the state it just left.
+        Verdict::Raced
+    } else if on_alt_stack() {
+        Verdict::Unreliable
+    } else {
+        check_stack(cfg, pc, sp)
+    };
+    let (kind, index) = match verdict {
+        Verdict::Clean => {
+            // The switch and the check are one step: the thread is in this
+            // handler and cannot enter any code between them.
+            match rec
+                .state
+                .compare_exchange(cfg.from, cfg.to, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => (RESULT_SWITCHED, 0),
+                Err(now) if now == cfg.to => (RESULT_SWITCHED, 0),
+                Err(_) => (RESULT_RACED, 0),
+            }
+        }
+        Verdict::Blocked(i) => (RESULT_BLOCKED, i),
+        Verdict::Raced => (RESULT_RACED, 0),
+        Verdict::Unreliable => (RESULT_UNRELIABLE, 0),
+    };
+    rec.result_kind.store(kind, Ordering::Relaxed);
+    rec.result_index.store(index, Ordering::Relaxed);
+    rec.answered.store(cfg.round, Ordering::Release);
+    ACKS.fetch_add(1, Ordering::SeqCst);
+    futex_wake(&ACKS);
+}
+
+fn futex_wake(word: &AtomicU32) {
+    // SAFETY: FUTEX_WAKE on a valid, aligned u32; async-signal-safe.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+            i32::MAX,
+        );
+    }
+}
+
+fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: FUTEX_WAIT on a valid, aligned u32 with a valid timespec; it
+    // returns at once if the word changed.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+            expected,
+            &ts as *const libc::timespec,
+        );
+    }
+}
+
+/// What a check round needs besides the threads.
+#[derive(Debug, Default)]
+pub struct RoundInput {
+    /// Ranges in the core's order: (start, end).
+    pub ranges: Vec<(u64, u64)>,
+    /// Writable mappings that may hold stacks.
+    pub stacks: Vec<(u64, u64)>,
+    /// Code where no thread may switch (slow paths of stubs).
+    pub unsafe_pcs: Vec<(u64, u64)>,
+}
+
+/// Asks each thread of `tids` (all pending) to check its stack and switch to
+/// `target`; waits up to `deadline` for their answers. `send` delivers the
+/// check signal to one thread and says whether the thread exists. The
+/// calling thread, if listed, is switched directly: nothing of the code
+/// being checked is on the control thread's stack.
+pub fn check_round(
+    tids: &[Tid],
+    target: PatchState,
+    input: RoundInput,
+    deadline: Duration,
+    send: impl Fn(Tid) -> bool,
+) -> Vec<SwitchResult> {
+    let round = ROUND.fetch_add(1, Ordering::SeqCst) + 1;
+    let from = pack(ThreadState {
+        state: target.opposite(),
+        pending: true,
+    });
+    let to = pack(ThreadState {
+        state: target,
+        pending: false,
+    });
+    let indexed: Vec<(u64, u64, u32)> = input
+        .ranges
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.0, r.1, i as u32))
+        .collect();
+    let mut stacks = input.stacks;
+    stacks.sort_unstable();
+    let cfg = Box::new(CheckConfig {
+        round,
+        from,
+        to,
+        ranges: disjoint(&indexed),
+        stacks,
+        unsafe_pcs: input.unsafe_pcs,
+    });
+    let cfg_ptr = Box::into_raw(cfg);
+    ACKS.store(0, Ordering::SeqCst);
+    CONFIG.store(cfg_ptr, Ordering::SeqCst);
+
+    let me = gettid();
+    let mut results: Vec<Option<SwitchResult>> = vec![None; tids.len()];
+    let mut sent = 0u32;
+    for (i, &tid) in tids.iter().enumerate() {
+        let Some(rec) = register(tid) else {
+            results[i] = Some(SwitchResult::Other(livepatch_core::Errno::EINVAL));
+            continue;
+        };
+        if tid == me {
+            let ok = rec
+                .state
+                .compare_exchange(from, to, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok();
+            results[i] = Some(if ok {
+                SwitchResult::Switched
+            } else {
+                SwitchResult::Running
+            });
+            continue;
+        }
+        rec.request.store(round, Ordering::Release);
+        if send(tid) {
+            sent += 1;
+        } else {
+            results[i] = Some(SwitchResult::Exited);
+        }
+    }
+
+    let start = Instant::now();
+    loop {
+        let acks = ACKS.load(Ordering::SeqCst);
+        if acks >= sent {
+            break;
+        }
+        let elapsed = start.elapsed();
+        if elapsed >= deadline {
+            break;
+        }
+        futex_wait(
+            &ACKS,
+            acks,
+            (deadline - elapsed).min(Duration::from_millis(10)),
+        );
+    }
+
+    // Retire the configuration (rule 3).
+    CONFIG.store(std::ptr::null_mut(), Ordering::SeqCst);
+    while IN_FLIGHT.load(Ordering::SeqCst) != 0 {
+        std::hint::spin_loop();
+    }
+    // SAFETY: unpublished and no handler uses it any more.
+    drop(unsafe { Box::from_raw(cfg_ptr) });
+
+    tids.iter()
+        .zip(results)
+        .map(|(&tid, r)| {
+            if let Some(r) = r {
+                return r;
+            }
+            let Some(rec) = record(tid) else {
+                return SwitchResult::Exited;
+            };
+            if rec.answered.load(Ordering::Acquire) != round {
+                return SwitchResult::Running;
+            }
+            match rec.result_kind.load(Ordering::Relaxed) {
+                RESULT_SWITCHED => SwitchResult::Switched,
+                RESULT_BLOCKED => {
+                    SwitchResult::Blocked(rec.result_index.load(Ordering::Relaxed) as usize)
+                }
+                RESULT_RACED => SwitchResult::Running,
+                _ => SwitchResult::UnreliableStack,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_pack_into_one_byte() {
+        for state in [PatchState::Idle, PatchState::Unpatched, PatchState::Patched] {
+            for pending in [false, true] {
+                let ts = ThreadState { state, pending };
+                assert_eq!(unpack(pack(ts)), ts);
+            }
+        }
+    }
+
+    #[test]
+    fn overlapping_ranges_become_disjoint_with_the_lowest_index() {
+        let d = disjoint(&[(10, 20, 1), (15, 30, 0), (40, 50, 2)]);
+        assert_eq!(
+            d,
+            vec![
+                CheckRange {
+                    start: 10,
+                    end: 15,
+                    index: 1
+                },
+                CheckRange {
+                    start: 15,
+                    end: 30,
+                    index: 0
+                },
+                CheckRange {
+                    start: 40,
+                    end: 50,
+                    index: 2
+                },
+            ]
+        );
+        assert_eq!(find(&d, 14), Some(1));
+        assert_eq!(find(&d, 15), Some(0));
+        assert_eq!(find(&d, 30), None);
+        assert_eq!(find(&d, 9), None);
+        assert_eq!(find(&d, 49), Some(2));
+    }
+}
