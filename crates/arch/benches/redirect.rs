@@ -479,6 +479,9 @@ fn human_time(seconds: f64) -> String {
     }
 }
 
+/// A row of the per-call table: its label and which number of a kind it shows.
+type CostRow = (&'static str, fn(&CallCosts) -> f64);
+
 fn print_report(config: &Config, kinds: &[(&str, &CallCosts)], batches: &[BatchTimes]) {
     println!();
     println!(
@@ -494,7 +497,7 @@ fn print_report(config: &Config, kinds: &[(&str, &CallCosts)], batches: &[BatchT
         if config.runs == 1 { "" } else { "s" },
     );
     println!();
-    let rows: [(&str, fn(&CallCosts) -> f64); 6] = [
+    let rows: [CostRow; 6] = [
         ("answer, not redirected", |c| c.original),
         ("better, called directly", |c| c.direct),
         ("fast path: Jump(better)", |c| c.fast),
@@ -547,8 +550,11 @@ fn print_report(config: &Config, kinds: &[(&str, &CallCosts)], batches: &[BatchT
     }
     println!();
     println!(
-        "batch ({} -O1 functions, plain entries)   redirect first  redirect again         restore",
-        config.functions
+        "{:<44}{:>16}{:>16}{:>16}",
+        format!("batch ({} -O1 functions, plain entries)", config.functions),
+        "redirect first",
+        "redirect again",
+        "restore"
     );
     for batch in batches {
         println!(

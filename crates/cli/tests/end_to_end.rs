@@ -1,0 +1,381 @@
+//! End-to-end: real programs started with `livepatch run`, patched with the `livepatch` command,
+//! their output and their `LIVEPATCH_LOG=stderr` lines read as they happen.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::{Duration, Instant};
+
+const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+
+/// The agent library, built once per test process (nextest has released the build lock).
+fn agent() -> &'static Path {
+    static AGENT: OnceLock<PathBuf> = OnceLock::new();
+    AGENT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-q", "-p", "livepatch-agent"])
+            .current_dir(WORKSPACE)
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building the agent failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map_or_else(|| Path::new(WORKSPACE).join("target"), PathBuf::from);
+        let path = target.join("debug/liblivepatch_agent.so");
+        assert!(path.exists(), "{} missing", path.display());
+        path
+    })
+}
+
+fn scratch() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("livepatch-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("sockets")).unwrap();
+    dir
+}
+
+fn compile(name: &str, source: &str, shared: bool) -> PathBuf {
+    let dir = scratch();
+    let src = dir.join(format!("{name}.c"));
+    std::fs::write(&src, source).unwrap();
+    let out = dir.join(if shared {
+        format!("{name}.so")
+    } else {
+        name.to_string()
+    });
+    let mut cc = Command::new("cc");
+    cc.args(["-O2", "-g", "-pthread", "-o"]).arg(&out).arg(&src);
+    cc.arg(format!("-I{WORKSPACE}/include"));
+    if shared {
+        cc.args(["-shared", "-fPIC"]);
+    } else {
+        cc.arg("-rdynamic");
+    }
+    let status = cc.status().expect("cc");
+    assert!(status.success(), "compiling {name}");
+    out
+}
+
+fn livepatch() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_livepatch"));
+    command
+        .env("LIVEPATCH_AGENT", agent())
+        .env("LIVEPATCH_SOCKET_DIR", scratch().join("sockets"));
+    command
+}
+
+fn cli(args: &[&str]) -> Output {
+    livepatch().args(args).output().expect("livepatch runs")
+}
+
+/// A program under the agent, its stdout and stderr lines merged into one channel.
+struct Target {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Target {
+    fn start(program: &Path) -> Self {
+        let mut child = livepatch()
+            .arg("run")
+            .arg("--")
+            .arg(program)
+            .env("LIVEPATCH_LOG", "stderr")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("livepatch run");
+        let (tx, lines) = channel();
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        let stdin = child.stdin.take().unwrap();
+        let mut target = Target {
+            child,
+            stdin,
+            lines,
+            seen: Vec::new(),
+        };
+        target.expect("ready");
+        // The agent's socket exists before main runs; wait for it to accept.
+        let socket = scratch()
+            .join("sockets")
+            .join(format!("{}.sock", target.pid()));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "no agent socket {}",
+                socket.display()
+            );
+            std::thread::yield_now();
+        }
+        target
+    }
+
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    /// Waits for a line containing `text`; returns it.
+    fn expect(&mut self, text: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(text) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                    panic!("no line with {text:?}; saw:\n{}", self.seen.join("\n"))
+                }
+            }
+        }
+    }
+
+    /// Like `expect`, but also satisfied by a line already seen (for lines whose order against
+    /// others is not fixed).
+    fn saw_or_expect(&mut self, text: &str) {
+        if !self.seen.iter().any(|l| l.contains(text)) {
+            self.expect(text);
+        }
+    }
+
+    /// The `livepatch:` lines seen so far, in order.
+    fn log_lines(&self) -> Vec<&str> {
+        self.seen
+            .iter()
+            .filter(|l| l.starts_with("livepatch: "))
+            .map(String::as_str)
+            .collect()
+    }
+
+    fn send(&mut self, line: &str) {
+        writeln!(self.stdin, "{line}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A service with a main loop answering one command per line, and a worker thread that can be
+/// sent into a function it never leaves.
+const SERVICE: &str = r#"
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+volatile int release_worker;
+__attribute__((noinline, noipa)) int value(void) { return 1; }
+__attribute__((noinline, noipa)) void stuck(void) {
+    puts("worker: inside stuck");
+    while (!release_worker) __asm__ volatile("pause");
+    puts("worker: left stuck");
+}
+static void *worker(void *arg) { (void)arg; stuck(); return NULL; }
+int main(void) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    char line[64];
+    pthread_t t;
+    puts("ready");
+    while (fgets(line, sizeof line, stdin)) {
+        if (!strncmp(line, "value", 5)) printf("value %d\n", value());
+        else if (!strncmp(line, "worker", 6)) { release_worker = 0; pthread_create(&t, NULL, worker, NULL); }
+        else if (!strncmp(line, "release", 7)) { release_worker = 1; pthread_join(t, NULL); puts("joined"); }
+    }
+    return 0;
+}
+"#;
+
+const PATCH_VALUE: &str = r#"
+#include <livepatch.h>
+#include <stdio.h>
+static int new_value(void) { return 2; }
+extern volatile int release_worker;
+static void new_stuck(void) {
+    puts("worker: inside new stuck");
+    while (!release_worker) __asm__ volatile("pause");
+    puts("worker: left new stuck");
+}
+static struct klp_func funcs[] = {
+    { .old_name = "value", .new_func = new_value },
+    { .old_name = "stuck", .new_func = new_stuck },
+    { }
+};
+static struct klp_object objs[] = { { .name = NULL, .funcs = funcs }, { } };
+static struct klp_patch patch = { .objs = objs };
+KLP_PATCH(patch);
+"#;
+
+const PATCH_MISSING: &str = r#"
+#include <livepatch.h>
+static int new_value(void) { return 3; }
+static struct klp_func funcs[] = {
+    { .old_name = "value", .new_func = new_value },
+    { .old_name = "no_such_function", .new_func = new_value },
+    { }
+};
+static struct klp_object objs[] = { { .name = NULL, .funcs = funcs }, { } };
+static struct klp_patch patch = { .objs = objs };
+KLP_PATCH(patch);
+"#;
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn a_patch_loads_switches_every_thread_and_unloads_with_the_kernel_log_lines() {
+    let program = compile("service_basic", SERVICE, false);
+    let patch = compile("livepatch-value", PATCH_VALUE, true);
+    let mut target = Target::start(&program);
+    let pid = target.pid();
+    target.send("value");
+    target.expect("value 1");
+
+    let load = cli(&["load", &pid, patch.to_str().unwrap()]);
+    assert!(load.status.success(), "{}", stderr(&load));
+    target.send("value");
+    target.expect("value 2");
+
+    let status = cli(&["status", &pid, "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let patch_status = &json["patches"][0];
+    assert_eq!(patch_status["name"], "livepatch-value");
+    assert_eq!(patch_status["enabled"], true);
+    assert_eq!(patch_status["objects"][0]["name"], "vmlinux");
+
+    let disable = cli(&["disable", &pid, "livepatch-value"]);
+    assert!(disable.status.success(), "{}", stderr(&disable));
+    target.send("value");
+    target.expect("value 1");
+    let unload = cli(&["unload", &pid, "livepatch-value"]);
+    assert!(unload.status.success(), "{}", stderr(&unload));
+    target.send("value");
+    target.expect("value 1");
+    assert_eq!(
+        target.log_lines(),
+        [
+            "livepatch: enabling patch 'livepatch-value'",
+            "livepatch: 'livepatch-value': initializing patching transition",
+            "livepatch: 'livepatch-value': starting patching transition",
+            "livepatch: 'livepatch-value': completing patching transition",
+            "livepatch: 'livepatch-value': patching complete",
+            "livepatch: 'livepatch-value': initializing unpatching transition",
+            "livepatch: 'livepatch-value': starting unpatching transition",
+            "livepatch: 'livepatch-value': completing unpatching transition",
+            "livepatch: 'livepatch-value': unpatching complete",
+        ]
+    );
+}
+
+#[test]
+fn a_thread_inside_a_patched_function_holds_the_transition_until_forced() {
+    let program = compile("service_busy", SERVICE, false);
+    let patch = compile("livepatch-busy", PATCH_VALUE, true);
+    let mut target = Target::start(&program);
+    let pid = target.pid();
+    target.send("worker");
+    target.expect("worker: inside stuck");
+
+    let load = cli(&["load", &pid, patch.to_str().unwrap(), "--timeout", "1"]);
+    assert_eq!(load.status.code(), Some(3), "{}", stderr(&load));
+    assert!(stderr(&load).contains("force"), "{}", stderr(&load));
+    // The main thread already runs the new code; the worker still the old one.
+    target.send("value");
+    target.expect("value 2");
+
+    let status = cli(&["status", &pid, "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(json["transition"]["patch"], "livepatch-busy");
+    let blocked: Vec<_> = json["threads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["pending"] == true)
+        .collect();
+    assert_eq!(blocked.len(), 1, "{json}");
+    assert_eq!(blocked[0]["blocking"], "stuck", "{json}");
+    assert_eq!(blocked[0]["patch_state"], 0);
+
+    // The worker leaves the old function: the transition completes by itself.
+    target.send("release");
+    target.expect("worker: left stuck");
+    target.expect("joined");
+    target.saw_or_expect("livepatch: 'livepatch-busy': patching complete");
+
+    // A worker inside the new function holds the unpatching transition.
+    target.send("worker");
+    target.expect("worker: inside new stuck");
+    let disable = cli(&["disable", &pid, "livepatch-busy", "--timeout", "1"]);
+    assert_eq!(disable.status.code(), Some(3), "{}", stderr(&disable));
+    target.send("value");
+    target.expect("value 1");
+    let force = cli(&["force", &pid, "livepatch-busy"]);
+    assert!(force.status.success(), "{}", stderr(&force));
+    target.expect("livepatch: 'livepatch-busy': unpatching complete");
+    let status = cli(&["status", &pid, "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(json["transition"], serde_json::Value::Null, "{json}");
+    assert_eq!(json["unloadable"][0]["forced"], true, "{json}");
+    let unload = cli(&["unload", &pid, "livepatch-busy"]);
+    assert_eq!(unload.status.code(), Some(1));
+    assert!(stderr(&unload).contains("forced"), "{}", stderr(&unload));
+    assert!(
+        target
+            .log_lines()
+            .contains(&"livepatch: forcing remaining tasks to the patched state"),
+        "{:?}",
+        target.log_lines()
+    );
+    target.send("release");
+    target.expect("worker: left new stuck");
+}
+
+#[test]
+fn a_patch_naming_a_missing_function_is_refused_and_changes_nothing() {
+    let program = compile("service_refused", SERVICE, false);
+    let patch = compile("livepatch-missing", PATCH_MISSING, true);
+    let mut target = Target::start(&program);
+    let pid = target.pid();
+    let load = cli(&["load", &pid, patch.to_str().unwrap()]);
+    assert_eq!(load.status.code(), Some(1));
+    let message = stderr(&load);
+    assert!(
+        message.starts_with("livepatch: error: ") && message.contains("no_such_function"),
+        "{message}"
+    );
+    target.send("value");
+    target.expect("value 1");
+    let status = cli(&["status", &pid, "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(json["patches"], serde_json::json!([]), "{json}");
+    let list = cli(&["list", &pid]);
+    assert!(stdout(&list).contains(&pid), "{}", stdout(&list));
+}
