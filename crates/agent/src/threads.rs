@@ -27,6 +27,7 @@ use std::ffi::c_void;
 use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use livepatch_arch::signals;
 use livepatch_core::{PatchState, SwitchResult, ThreadState, Tid};
 
 /// The highest thread id plus one (`PID_MAX_LIMIT`).
@@ -148,12 +149,7 @@ pub fn target() -> PatchState {
     unpack(TARGET.load(Ordering::SeqCst)).state
 }
 
-/// The calling thread's id (async-signal-safe).
-pub fn gettid() -> Tid {
-    // SAFETY: gettid has no arguments and cannot fail.
-    let tid = unsafe { libc::syscall(libc::SYS_gettid) };
-    tid as Tid
-}
+pub use livepatch_arch::signals::gettid;
 
 fn slot(tid: Tid) -> Option<(usize, usize)> {
     let t = usize::try_from(tid)
@@ -484,10 +480,8 @@ unsafe fn answer(cfg: &CheckConfig, ctx: *mut c_void) {
     if rec.answered.load(Ordering::Acquire) == cfg.round {
         return;
     }
-    // SAFETY: the kernel passes a valid ucontext_t to SA_SIGINFO handlers.
-    let uc = unsafe { &*(ctx as *const libc::ucontext_t) };
-    let pc = uc.uc_mcontext.gregs[libc::REG_RIP as usize] as u64;
-    let sp = uc.uc_mcontext.gregs[libc::REG_RSP as usize] as u64;
+    let pc = signals::interrupted_pc(ctx) as u64;
+    let sp = signals::interrupted_sp(ctx) as u64;
     let verdict = if rec.in_slow_path.load(Ordering::SeqCst) != 0 {
         // Interrupted while choosing a target from its state: switching now could let it run
         // the code of the state it just left.
@@ -518,37 +512,7 @@ unsafe fn answer(cfg: &CheckConfig, ctx: *mut c_void) {
     rec.result_index.store(index, Ordering::Relaxed);
     rec.answered.store(cfg.round, Ordering::Release);
     ACKS.fetch_add(1, Ordering::SeqCst);
-    futex_wake(&ACKS);
-}
-
-fn futex_wake(word: &AtomicU32) {
-    // SAFETY: FUTEX_WAKE on a valid, aligned u32; async-signal-safe.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
-            i32::MAX,
-        );
-    }
-}
-
-fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
-    };
-    // SAFETY: FUTEX_WAIT on a valid, aligned u32 with a valid timespec; it
-    // returns at once if the word changed.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
-            expected,
-            &ts as *const libc::timespec,
-        );
-    }
+    signals::futex_wake(&ACKS);
 }
 
 /// What a check round needs besides the threads.
@@ -641,10 +605,10 @@ pub fn check_round(
         if elapsed >= deadline {
             break;
         }
-        futex_wait(
+        signals::futex_wait(
             &ACKS,
             acks,
-            (deadline - elapsed).min(Duration::from_millis(10)),
+            Some((deadline - elapsed).min(Duration::from_millis(10))),
         );
     }
 

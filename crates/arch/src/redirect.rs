@@ -353,9 +353,8 @@ pub fn redirect(specs: &[SiteSpec<'_>]) -> Result<Vec<SiteInfo>, RedirectError> 
 pub fn restore(addresses: &[usize]) -> Result<(), RedirectError> {
     let maps = maps::read().map_err(|e| RedirectError::Memory(e.to_string()))?;
     let mut sites = sites();
-    let mut writes = Vec::new();
+    let mut writes: Vec<&CodeWrite> = Vec::new();
     let mut forbidden = Vec::new();
-    let mut restored = Vec::new();
     for &address in addresses {
         let Some(record) = sites.get(&address).filter(|r| r.active) else {
             return Err(RedirectError::NotRedirected(address));
@@ -366,14 +365,10 @@ pub fn restore(addresses: &[usize]) -> Result<(), RedirectError> {
         if still_ours {
             writes.extend(record.restore.iter());
             forbidden.extend(record.forbidden.iter().copied());
-            restored.push(address);
-        } else {
-            restored.push(address);
         }
     }
-    let writes: Vec<CodeWrite> = writes.into_iter().cloned().collect();
-    commit(&writes.iter().collect::<Vec<_>>(), &forbidden)?;
-    for address in restored {
+    commit(&writes, &forbidden)?;
+    for &address in addresses {
         let record = sites.get_mut(&address).expect("checked above");
         record.active = false;
         set_slot(record.block, record.info.original_entry);
