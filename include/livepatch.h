@@ -85,12 +85,17 @@ struct klp_callbacks {
  *         for the main executable.
  * @funcs: the functions to replace, ending with an empty entry; an object
  *         may have only callbacks (funcs = an array holding just { }).
+ * @build_id: NULL, or the GNU build id of the object the patch was written
+ *         for, in hex as `readelf -n` or `file` print it. The patch is
+ *         refused when the loaded object has another build id (or none), and
+ *         a later dlopen of a different build of the library fails.
  * An array of objects ends with an entry whose @name and @funcs are NULL.
  */
 struct klp_object {
 	const char *name;
 	struct klp_func *funcs;
 	struct klp_callbacks callbacks;
+	const char *build_id;
 };
 
 /*

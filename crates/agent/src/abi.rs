@@ -59,6 +59,8 @@ pub struct KlpObject {
     pub funcs: *mut KlpFunc,
     /// `callbacks`.
     pub callbacks: KlpCallbacks,
+    /// `build_id`: NULL, or the GNU build id (hex) the object must have.
+    pub build_id: *const c_char,
 }
 
 /// A per-state callback.
@@ -124,6 +126,14 @@ pub enum AbiError {
     /// A pointer that must be set is NULL.
     #[error("{0} is NULL")]
     Null(String),
+    /// A `build_id` is not hex.
+    #[error("build_id of object '{object}' is {text:?}, not a build id in hex")]
+    BadBuildId {
+        /// The object.
+        object: String,
+        /// What the patch wrote.
+        text: String,
+    },
     /// A string is not UTF-8.
     #[error("{0} is not valid UTF-8")]
     NotUtf8(String),
@@ -295,6 +305,48 @@ unsafe fn read_funcs(funcs: *const KlpFunc, object: &str) -> Result<Vec<FuncDesc
     Ok(out)
 }
 
+/// An object of a patch that names the build id it was written for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildIdRequirement {
+    /// The object's name (`vmlinux` for the main executable).
+    pub object: String,
+    /// The build id in lower-case hex.
+    pub build_id: String,
+}
+
+/// The build ids a declared patch requires of its objects.
+///
+/// # Safety
+/// As for [`read_patch`], which must have accepted `patch` (so its arrays are terminated).
+pub unsafe fn read_build_ids(patch: *const KlpPatch) -> Result<Vec<BuildIdRequirement>, AbiError> {
+    let mut out = Vec::new();
+    // SAFETY: non-null and valid, as read_patch checked.
+    let objs = unsafe { (*patch).objs };
+    for i in 0..MAX_OBJECTS {
+        // SAFETY: within the array, stopping at the terminator read_patch found.
+        let o = unsafe { &*objs.add(i) };
+        if o.name.is_null() && o.funcs.is_null() {
+            break;
+        }
+        // SAFETY: C strings of the library or NULL.
+        let (Some(text), name) = (unsafe { c_str(o.build_id, "build_id") }?, unsafe {
+            c_str(o.name, "object name")
+        }?) else {
+            continue;
+        };
+        let object = name.unwrap_or_else(|| livepatch_core::MAIN_OBJECT_NAME.into());
+        let build_id = text.trim().to_ascii_lowercase();
+        if build_id.is_empty()
+            || build_id.len() % 2 != 0
+            || !build_id.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return Err(AbiError::BadBuildId { object, text });
+        }
+        out.push(BuildIdRequirement { object, build_id });
+    }
+    Ok(out)
+}
+
 /// The object at `index` of a declared patch.
 ///
 /// # Safety
@@ -348,6 +400,7 @@ mod tests {
                     post_unpatch: None,
                     post_unpatch_enabled: false,
                 },
+                build_id: std::ptr::null(),
             },
             KlpObject {
                 name: std::ptr::null(),
@@ -359,6 +412,7 @@ mod tests {
                     post_unpatch: None,
                     post_unpatch_enabled: false,
                 },
+                build_id: std::ptr::null(),
             },
         ];
         let patch = KlpPatch {
@@ -396,6 +450,7 @@ mod tests {
                 post_unpatch: None,
                 post_unpatch_enabled: false,
             },
+            build_id: std::ptr::null(),
         }];
         let patch = KlpPatch {
             name: c"p".as_ptr(),

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use livepatch_arch::maps::Mapping;
 use livepatch_arch::objects::{self, LoadedObject};
 use livepatch_arch::redirect::{self, SiteSpec};
 use livepatch_arch::symbols::{SymbolError, SymbolTable};
@@ -16,7 +17,7 @@ use livepatch_core::{
     SiteRegistration, StateCallback, StateCallbackKind, SwitchResult, Target, ThreadState, Tid,
 };
 
-use crate::abi::{self, KlpPatch, KlpState};
+use crate::abi::{self, BuildIdRequirement, KlpPatch, KlpState};
 use crate::log::AgentLog;
 use crate::threads;
 
@@ -114,6 +115,18 @@ pub struct ProcessPlatform {
     patches: BTreeMap<String, usize>,
     released: Vec<(String, bool)>,
     seen_threads: BTreeSet<Tid>,
+    /// Build ids that patches require, by patch.
+    build_ids: BTreeMap<String, Vec<BuildIdRequirement>>,
+    snapshot: Snapshot,
+}
+
+/// The link map and the memory map, read at most once per request: the core resolves and
+/// checks every function of a patch, and re-reading both per function made a 10,000-function
+/// patch spend most of its time in `dl_iterate_phdr` and `/proc/self/maps`.
+#[derive(Debug, Default)]
+struct Snapshot {
+    objects: Option<Vec<LoadedObject>>,
+    maps: Option<Vec<Mapping>>,
 }
 
 /// The name patches use for an object: `vmlinux` for the main program, else the file name.
@@ -159,6 +172,8 @@ impl ProcessPlatform {
             patches: BTreeMap::new(),
             released: Vec::new(),
             seen_threads: BTreeSet::new(),
+            build_ids: BTreeMap::new(),
+            snapshot: Snapshot::default(),
         };
         // Threads that exist before any transition get their records now, IDLE; later ones are
         // recorded at birth by the pthread_create wrapper.
@@ -166,10 +181,30 @@ impl ProcessPlatform {
         Ok(platform)
     }
 
-    fn find_object(&self, name: &str) -> Option<LoadedObject> {
-        objects::loaded_objects()
-            .into_iter()
+    /// Forgets the link map and memory map read for the previous request; call it whenever
+    /// either may have changed (a new request, a library loaded or closed).
+    pub fn refresh(&mut self) {
+        self.snapshot = Snapshot::default();
+    }
+
+    fn loaded_objects(&mut self) -> &[LoadedObject] {
+        self.snapshot
+            .objects
+            .get_or_insert_with(objects::loaded_objects)
+    }
+
+    fn memory_maps(&mut self) -> Result<&[Mapping], String> {
+        if self.snapshot.maps.is_none() {
+            self.snapshot.maps = Some(livepatch_arch::maps::read().map_err(|e| e.to_string())?);
+        }
+        Ok(self.snapshot.maps.as_deref().unwrap_or_default())
+    }
+
+    fn find_object(&mut self, name: &str) -> Option<LoadedObject> {
+        self.loaded_objects()
+            .iter()
             .find(|o| object_name(o).as_deref() == Some(name))
+            .cloned()
     }
 
     fn table(&mut self, object: &LoadedObject) -> Result<Arc<SymbolTable>, SymbolError> {
@@ -187,7 +222,9 @@ impl ProcessPlatform {
 
     /// Libraries that left the link map and ones that entered it since the core last heard.
     pub fn object_changes(&mut self) -> (Vec<String>, Vec<String>) {
-        let now: BTreeSet<String> = objects::loaded_objects()
+        self.refresh();
+        let now: BTreeSet<String> = self
+            .loaded_objects()
             .iter()
             .filter_map(object_name)
             .collect();
@@ -208,20 +245,53 @@ impl ProcessPlatform {
         self.known.insert(name.to_string());
     }
 
-    /// Build ids named by the patch must match the loaded objects (none are named yet by the
-    /// C ABI; kept as the single place to check them).
-    pub fn check_build_ids(&mut self, _patch: *const KlpPatch) -> Result<(), String> {
+    /// Checks the build ids a patch names against the objects loaded now; objects loaded later
+    /// are checked when they come (see [`Self::check_coming_build_id`]).
+    pub fn check_build_ids(&mut self, required: &[BuildIdRequirement]) -> Result<(), String> {
+        for requirement in required {
+            if let Some(object) = self.find_object(&requirement.object) {
+                build_id_matches(&object, requirement)?;
+            }
+        }
         Ok(())
     }
 
-    /// Remembers the declaration of a patch, for callbacks.
-    pub fn declare_patch(&mut self, name: &str, declaration: *const KlpPatch) {
+    /// Refuses a library that is loading when an active patch was written for another build.
+    pub fn check_coming_build_id(
+        &mut self,
+        name: &str,
+        active_patches: &BTreeSet<String>,
+    ) -> Result<(), String> {
+        let Some(object) = self.find_object(name) else {
+            return Ok(());
+        };
+        for (patch, required) in &self.build_ids {
+            if !active_patches.contains(patch) {
+                continue;
+            }
+            for requirement in required.iter().filter(|r| r.object == name) {
+                build_id_matches(&object, requirement)
+                    .map_err(|e| format!("patch '{patch}': {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Remembers the declaration of a patch, for callbacks, and the build ids it requires.
+    pub fn declare_patch(
+        &mut self,
+        name: &str,
+        declaration: *const KlpPatch,
+        build_ids: Vec<BuildIdRequirement>,
+    ) {
         self.patches.insert(name.to_string(), declaration as usize);
+        self.build_ids.insert(name.to_string(), build_ids);
     }
 
     /// Forgets a patch whose library is closed.
     pub fn forget_patch(&mut self, name: &str) {
         self.patches.remove(name);
+        self.build_ids.remove(name);
     }
 
     /// Patches the core released since the last call, with their forced flag.
@@ -307,6 +377,20 @@ impl ProcessPlatform {
     }
 }
 
+fn build_id_matches(object: &LoadedObject, requirement: &BuildIdRequirement) -> Result<(), String> {
+    match object.build_id_hex() {
+        Some(actual) if actual == requirement.build_id => Ok(()),
+        Some(actual) => Err(format!(
+            "object '{}' has build id {actual}, but the patch was written for build id {}",
+            requirement.object, requirement.build_id
+        )),
+        None => Err(format!(
+            "object '{}' has no build id, but the patch was written for build id {}",
+            requirement.object, requirement.build_id
+        )),
+    }
+}
+
 fn read_comm(tid: Tid) -> String {
     std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
         .map(|s| s.trim_end().to_string())
@@ -347,9 +431,11 @@ impl Platform for ProcessPlatform {
     }
 
     fn func_size(&mut self, addr: Addr) -> Option<u64> {
-        let object = objects::loaded_objects()
-            .into_iter()
-            .find(|o| o.contains_code(addr as usize))?;
+        let object = self
+            .loaded_objects()
+            .iter()
+            .find(|o| o.contains_code(addr as usize))?
+            .clone();
         let table = self.table(&object).ok()?;
         let (symbol, offset) = table.containing(addr.wrapping_sub(object.bias as u64))?;
         (offset == 0 && symbol.size > 0).then_some(symbol.size)
@@ -364,12 +450,16 @@ impl Platform for ProcessPlatform {
             // Another patch redirects it already: the new func joins its stack.
             return Ok(());
         }
-        redirect::check(&SiteSpec {
-            name: func_name,
-            address: location.addr as usize,
-            size: location.size as usize,
-            cookie: 0,
-        })
+        let maps = self.memory_maps()?;
+        redirect::check_in(
+            &SiteSpec {
+                name: func_name,
+                address: location.addr as usize,
+                size: location.size as usize,
+                cookie: 0,
+            },
+            maps,
+        )
         .map(|_| ())
         .map_err(|e| e.to_string())
     }

@@ -171,6 +171,7 @@ impl Agent {
     pub fn run_work(&self) {
         let mut guard = self.lock();
         let inner = &mut *guard;
+        inner.platform.refresh();
         inner.core.transition_work(&mut inner.platform);
         inner.sync_libraries();
     }
@@ -179,6 +180,7 @@ impl Agent {
     pub fn handle(&self, command: Command) -> Response {
         let mut guard = self.lock();
         let inner = &mut *guard;
+        inner.platform.refresh();
         let response = match command {
             Command::Load { path } => inner.load(&path),
             Command::Disable { patch } => inner.set_enabled(&patch, false),
@@ -226,6 +228,11 @@ impl Inner {
             if name == livepatch_core::MAIN_OBJECT_NAME {
                 continue;
             }
+            let active = self.active_patch_names();
+            if let Err(e) = self.platform.check_coming_build_id(&name, &active) {
+                refused = Some(e);
+                continue;
+            }
             match self.core.object_coming(&mut self.platform, &name) {
                 Ok(()) => self.platform.object_known(&name),
                 Err(e) => refused = Some(e.to_string()),
@@ -233,6 +240,14 @@ impl Inner {
         }
         self.sync_libraries();
         refused
+    }
+
+    fn active_patch_names(&self) -> std::collections::BTreeSet<String> {
+        self.libraries
+            .iter()
+            .filter(|l| l.active)
+            .map(|l| l.name.clone())
+            .collect()
     }
 
     /// Marks the libraries whose patch the core released.
@@ -287,11 +302,19 @@ impl Inner {
                 return error(Errno::EINVAL, format!("{path}: malformed patch: {e}"));
             }
         };
-        if let Err(e) = self.platform.check_build_ids(decl) {
+        // SAFETY: as for read_patch, which accepted the declaration.
+        let build_ids = match unsafe { abi::read_build_ids(decl) } {
+            Ok(ids) => ids,
+            Err(e) => {
+                close(handle);
+                return error(Errno::EINVAL, format!("{path}: malformed patch: {e}"));
+            }
+        };
+        if let Err(e) = self.platform.check_build_ids(&build_ids) {
             close(handle);
-            return error(Errno::EINVAL, format!("patch '{}': {e}", desc.name));
+            return error(Errno::EINVAL, format!("patch '{}' refused: {e}", desc.name));
         }
-        self.platform.declare_patch(&desc.name, decl);
+        self.platform.declare_patch(&desc.name, decl, build_ids);
         match self.core.enable_patch(&mut self.platform, &desc) {
             Ok(_) => {
                 self.libraries.push(PatchLibrary {
