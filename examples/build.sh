@@ -8,11 +8,14 @@ inc="$here/../include"
 cc=${CC:-cc}
 cflags=${CFLAGS:-"-O2 -g -Wall -Wextra"}
 mkdir -p "$out"
+# Patchable entries (two bytes of nop at each function) make every function replaceable, even
+# one that calls or branches in its first bytes.
+patchable="-fpatchable-function-entry=16,14"
 for p in greeter plugin-host shadow-host state-host; do
 	# -rdynamic: patches call functions and use variables of the program.
-	"$cc" $cflags -rdynamic -o "$out/$p" "$here/programs/$p.c" -ldl
+	"$cc" $cflags $patchable -rdynamic -o "$out/$p" "$here/programs/$p.c" -ldl
 done
-"$cc" $cflags -shared -fPIC -o "$out/libcallbacks-mod.so" "$here/programs/callbacks-mod.c"
+"$cc" $cflags $patchable -shared -fPIC -o "$out/libcallbacks-mod.so" "$here/programs/callbacks-mod.c"
 for p in livepatch-sample livepatch-cumulative livepatch-callbacks-demo \
 	livepatch-shadow-fix1 livepatch-shadow-fix2; do
 	"$cc" $cflags -shared -fPIC -I"$inc" -o "$out/$p.so" "$here/patches/$p.c"

@@ -25,6 +25,7 @@ pub use runtime::{StartError, start};
 
 /// Starts the agent when this library was preloaded, before `main` runs.
 extern "C" fn start_when_preloaded() {
+    loader::resolve_next_definitions();
     let preloaded = std::env::var_os("LD_PRELOAD")
         .is_some_and(|v| v.to_string_lossy().contains("liblivepatch_agent"));
     if preloaded && let Err(e) = start() {

@@ -2,7 +2,7 @@
 //! unload libraries that patches target (the kernel's module coming and
 //! going notifiers), and threads being born.
 //!
-//! The agent interposes `dlopen`, `dlclose` and `pthread_create` (it is
+//! The agent interposes `dlopen`, `dlclose`, `dlerror` and `pthread_create` (it is
 //! preloaded, so the program's calls reach it first) and forwards to the
 //! next definition. A library the program loads is patched before `dlopen`
 //! returns to the program; one it unloads is reverted after its finalizers
@@ -55,6 +55,22 @@ fn real_dlopen() -> DlopenFn {
 fn real_dlclose() -> DlcloseFn {
     static NEXT: OnceLock<usize> = OnceLock::new();
     next(&NEXT, c"dlclose").unwrap_or(libc::dlclose as DlcloseFn)
+}
+
+type DlerrorFn = unsafe extern "C" fn() -> *mut c_char;
+
+fn real_dlerror() -> Option<DlerrorFn> {
+    static NEXT: OnceLock<usize> = OnceLock::new();
+    next(&NEXT, c"dlerror")
+}
+
+/// Finds the next definitions of everything this module interposes. Looking one up calls
+/// `dlsym`, which clears the thread's pending `dlerror` message: done lazily inside `dlerror`,
+/// the first lookup would erase the very message the caller asks for.
+pub fn resolve_next_definitions() {
+    real_dlopen();
+    real_dlclose();
+    real_dlerror();
 }
 
 fn dl_error() -> String {
@@ -146,9 +162,43 @@ pub unsafe extern "C" fn dlopen(filename: *const c_char, flags: c_int) -> *mut c
         // SAFETY: the handle we just got, closed once.
         unsafe { real_dlclose()(handle) };
         agent.lock().sync_objects();
+        let file = if filename.is_null() {
+            "the program".into()
+        } else {
+            // SAFETY: a non-null dlopen file name is a C string.
+            unsafe { CStr::from_ptr(filename) }.to_string_lossy()
+        };
+        let message = format!("{file}: refused by livepatch: {e}");
+        REFUSAL.with(|r| *r.borrow_mut() = CString::new(message).ok());
         return std::ptr::null_mut();
     }
     handle
+}
+
+thread_local! {
+    /// Why this thread's last `dlopen` was refused by a patch, until `dlerror` reports it.
+    static REFUSAL: std::cell::RefCell<Option<CString>> = const { std::cell::RefCell::new(None) };
+    /// The message `dlerror` returned last; it must stay valid until the next call.
+    static REPORTED: std::cell::RefCell<Option<CString>> = const { std::cell::RefCell::new(None) };
+}
+
+/// `dlerror` as the program sees it: after a `dlopen` the agent refused, it describes the
+/// refusal once, as the dynamic linker describes its own failures.
+///
+/// # Safety
+/// As `dlerror(3)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dlerror() -> *mut c_char {
+    if let Some(message) = REFUSAL.with(|r| r.borrow_mut().take()) {
+        let pointer = message.as_ptr() as *mut c_char;
+        REPORTED.with(|r| *r.borrow_mut() = Some(message));
+        return pointer;
+    }
+    match real_dlerror() {
+        // SAFETY: the next definition of dlerror, called as dlerror(3) says.
+        Some(real) => unsafe { real() },
+        None => std::ptr::null_mut(),
+    }
 }
 
 /// `dlclose` as the program sees it: libraries that went away are reverted

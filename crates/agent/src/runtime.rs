@@ -6,10 +6,12 @@ use std::ffi::{CString, c_void};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-use livepatch_core::{Errno, Livepatch, PatchState, ShadowVars};
+use std::collections::HashMap;
+
+use livepatch_core::{BlockReason, Errno, Livepatch, PatchState, ShadowVars, ThreadState, Tid};
 use livepatch_protocol::{
-    Command, FuncStatus, LibraryStatus, ObjectStatus, Outcome, PatchStatus, Response, Status,
-    ThreadStatus, TransitionStatus,
+    Command, FuncStatus, LibraryStatus, ObjectStatus, Outcome, PatchStatus, Progress, Response,
+    Status, ThreadStatus, TransitionStatus,
 };
 
 use crate::abi::{self, KlpPatch};
@@ -96,6 +98,7 @@ pub fn start() -> Result<(), StartError> {
 }
 
 fn start_once() -> Result<(), StartError> {
+    loader::resolve_next_definitions();
     let log = log();
     let platform = ProcessPlatform::new(log).map_err(StartError::Signal)?;
     // SAFETY: getpid cannot fail.
@@ -176,6 +179,14 @@ impl Agent {
         inner.sync_libraries();
     }
 
+    /// Whether `patch` is in transition now.
+    pub fn in_transition(&self, patch: &str) -> bool {
+        self.lock()
+            .core
+            .transition()
+            .is_some_and(|(name, _)| name == patch)
+    }
+
     /// Answers one request of the control socket.
     pub fn handle(&self, command: Command) -> Response {
         let mut guard = self.lock();
@@ -188,6 +199,8 @@ impl Agent {
             Command::Force { patch } => inner.force(&patch),
             Command::Unload { patch } => inner.unload(&patch),
             Command::Status => Response::new(Outcome::Status(inner.status(self.pid))),
+            // The server holds a wait back until it can be answered.
+            Command::Wait { patch, .. } => Response::new(Outcome::Progress(inner.progress(&patch))),
             Command::Log { after } => Response::new(Outcome::Log {
                 lines: self.log.since(after),
             }),
@@ -434,18 +447,7 @@ impl Inner {
 
     /// What `livepatch status` shows.
     fn status(&mut self, pid: u32) -> Status {
-        let transition = self
-            .core
-            .transition()
-            .map(|(name, target)| TransitionStatus {
-                patch: name.to_string(),
-                target: if target == PatchState::Patched {
-                    "patched"
-                } else {
-                    "unpatched"
-                }
-                .into(),
-            });
+        let transition = self.transition_status();
         let patches = self
             .core
             .patch_statuses()
@@ -496,24 +498,12 @@ impl Inner {
                 forced: l.forced,
             })
             .collect();
-        let blocked = self.core.blocked_threads();
-        let threads = self
-            .platform
-            .thread_list()
+        let blocked: HashMap<Tid, BlockReason> = self.core.blocked_threads().into_iter().collect();
+        let threads = livepatch_core::Platform::threads(&mut self.platform)
             .into_iter()
-            .map(|(tid, name)| {
-                let st = threads::state_of(tid).unwrap_or(livepatch_core::ThreadState::IDLE);
-                let blocking = blocked
-                    .iter()
-                    .find(|(t, _)| *t == tid)
-                    .map(|(_, r)| self.platform.describe_block(tid, r));
-                ThreadStatus {
-                    tid,
-                    name,
-                    patch_state: st.state.as_i8(),
-                    pending: st.pending,
-                    blocking,
-                }
+            .map(|tid| {
+                let state = threads::state_of(tid).unwrap_or(ThreadState::IDLE);
+                self.thread_status(tid, state, blocked.get(&tid))
             })
             .collect();
         Status {
@@ -522,6 +512,58 @@ impl Inner {
             patches,
             unloadable,
             threads,
+        }
+    }
+
+    /// Where the transition stands, for a client waiting for `patch`.
+    fn progress(&mut self, patch: &str) -> Progress {
+        let transition = self.transition_status();
+        let tids = livepatch_core::Platform::threads(&mut self.platform);
+        let mut pending = Vec::new();
+        if transition.as_ref().is_some_and(|t| t.patch == patch) {
+            let blocked: HashMap<Tid, BlockReason> =
+                self.core.blocked_threads().into_iter().collect();
+            for &tid in &tids {
+                let state = threads::state_of(tid).unwrap_or(ThreadState::IDLE);
+                if state.pending {
+                    pending.push(self.thread_status(tid, state, blocked.get(&tid)));
+                }
+            }
+        }
+        Progress {
+            transition,
+            enabled: self.core.is_enabled(patch),
+            threads: tids.len(),
+            pending,
+        }
+    }
+
+    fn transition_status(&self) -> Option<TransitionStatus> {
+        self.core
+            .transition()
+            .map(|(name, target)| TransitionStatus {
+                patch: name.to_string(),
+                target: if target == PatchState::Patched {
+                    "patched"
+                } else {
+                    "unpatched"
+                }
+                .into(),
+            })
+    }
+
+    fn thread_status(
+        &mut self,
+        tid: Tid,
+        state: ThreadState,
+        blocked: Option<&BlockReason>,
+    ) -> ThreadStatus {
+        ThreadStatus {
+            tid,
+            name: livepatch_core::Platform::thread_name(&mut self.platform, tid),
+            patch_state: state.state.as_i8(),
+            pending: state.pending,
+            blocking: blocked.map(|r| self.platform.describe_block(tid, r)),
         }
     }
 

@@ -11,9 +11,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use livepatch_protocol::{Request, Response, VERSION, socket_dir};
+use livepatch_protocol::{Command, Request, Response, VERSION, socket_dir};
 
 use crate::runtime::Agent;
 
@@ -23,6 +23,8 @@ const MAX_LINE: usize = 64 * 1024;
 struct Connection {
     stream: UnixStream,
     buf: Vec<u8>,
+    /// A wait request held back: the patch and when to answer at the latest.
+    waiting: Option<(String, Instant)>,
 }
 
 /// Creates the socket of this process: `<dir>/<pid>.sock`, mode 0600, in a
@@ -73,10 +75,13 @@ pub fn serve(agent: &'static Agent, listener: UnixListener) {
     crate::loader::set_control_thread();
     let mut conns: Vec<Connection> = Vec::new();
     loop {
-        let timeout = agent
-            .until_next_work()
-            .map(|d| d.min(Duration::from_secs(1)))
-            .unwrap_or(Duration::from_secs(1));
+        let now = Instant::now();
+        let timeout = conns
+            .iter()
+            .filter_map(|c| c.waiting.as_ref())
+            .map(|(_, deadline)| deadline.saturating_duration_since(now))
+            .chain(agent.until_next_work())
+            .fold(Duration::from_secs(1), Duration::min);
         let mut fds: Vec<libc::pollfd> = std::iter::once(listener.as_raw_fd())
             .chain(conns.iter().map(|c| c.stream.as_raw_fd()))
             .map(|fd| libc::pollfd {
@@ -105,7 +110,38 @@ pub fn serve(agent: &'static Agent, listener: UnixListener) {
             }
         }
         agent.run_work();
+        let mut closed = Vec::new();
+        for (i, conn) in conns.iter_mut().enumerate() {
+            if !answer_wait(agent, conn) {
+                closed.push(i);
+            }
+        }
+        for i in closed.into_iter().rev() {
+            conns.remove(i);
+        }
     }
+}
+
+/// Answers a held-back wait once its transition ended or its time is up, then the requests
+/// that queued behind it. Returns false when the connection is finished.
+fn answer_wait(agent: &'static Agent, conn: &mut Connection) -> bool {
+    let Some((patch, deadline)) = &conn.waiting else {
+        return true;
+    };
+    if agent.in_transition(patch) && Instant::now() < *deadline {
+        return true;
+    }
+    let Some((patch, _)) = conn.waiting.take() else {
+        return true;
+    };
+    let answer = agent.handle(Command::Wait {
+        patch,
+        timeout_ms: 0,
+    });
+    if reply(&mut conn.stream, &answer).is_err() {
+        return false;
+    }
+    answer_lines(agent, conn)
 }
 
 fn accept_all(listener: &UnixListener, conns: &mut Vec<Connection>) {
@@ -119,6 +155,7 @@ fn accept_all(listener: &UnixListener, conns: &mut Vec<Connection>) {
                     conns.push(Connection {
                         stream,
                         buf: Vec::new(),
+                        waiting: None,
                     });
                 }
             }
@@ -149,7 +186,14 @@ fn serve_connection(agent: &'static Agent, conn: &mut Connection) -> bool {
             return false;
         }
     }
-    while let Some(end) = conn.buf.iter().position(|b| *b == b'\n') {
+    answer_lines(agent, conn)
+}
+
+/// Answers the complete request lines received, until one is a wait that must be held back.
+fn answer_lines(agent: &'static Agent, conn: &mut Connection) -> bool {
+    while conn.waiting.is_none()
+        && let Some(end) = conn.buf.iter().position(|b| *b == b'\n')
+    {
         let line: Vec<u8> = conn.buf.drain(..=end).collect();
         let response = match serde_json::from_slice::<Request>(&line) {
             Ok(req) if req.v != VERSION => Response::error(
@@ -159,6 +203,14 @@ fn serve_connection(agent: &'static Agent, conn: &mut Connection) -> bool {
                     req.v
                 ),
             ),
+            Ok(Request {
+                command: Command::Wait { patch, timeout_ms },
+                ..
+            }) if agent.in_transition(&patch) => {
+                let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+                conn.waiting = Some((patch, deadline));
+                continue;
+            }
             Ok(req) => agent.handle(req.command),
             Err(e) => Response::error(libc::EINVAL, format!("malformed request: {e}")),
         };

@@ -61,6 +61,62 @@ pub fn tgkill(pid: i32, tid: i32, signal: i32) -> bool {
     unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, signal) == 0 }
 }
 
+/// Sends `signal` to thread `tid` of process `pid` with `value` in the siginfo's `si_value`, so
+/// the handler learns something without searching for it. False when the thread is gone.
+pub fn tgkill_with_value(pid: i32, tid: i32, signal: i32, value: usize) -> bool {
+    // SAFETY: an all-zero siginfo is valid; the fields written below are those
+    // rt_tgsigqueueinfo reads for SI_QUEUE.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    info.si_signo = signal;
+    info.si_code = libc::SI_QUEUE;
+    let fields = (&mut info as *mut libc::siginfo_t).cast::<QueuedSigInfo>();
+    // SAFETY: `QueuedSigInfo` mirrors the start of the kernel's siginfo for SI_QUEUE, which fits
+    // in `siginfo_t`; the pointer is to our local.
+    unsafe {
+        (*fields).pid = pid;
+        // SAFETY: getuid cannot fail.
+        (*fields).uid = libc::getuid();
+        (*fields).value = value;
+    }
+    // SAFETY: plain integers and a pointer to a valid siginfo; only our own process's threads.
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_tgsigqueueinfo,
+            pid,
+            tid,
+            signal,
+            &info as *const libc::siginfo_t,
+        ) == 0
+    }
+}
+
+/// The `si_value` a handler received (see [`tgkill_with_value`]); 0 for other senders' signals
+/// (which carry no value).
+///
+/// # Safety
+/// `info` is the siginfo the kernel passed to an `SA_SIGINFO` handler.
+pub unsafe fn signal_value(info: *const libc::siginfo_t) -> Option<usize> {
+    // SAFETY: the caller passes the kernel's siginfo.
+    let code = unsafe { (*info).si_code };
+    if code != libc::SI_QUEUE {
+        return None;
+    }
+    // SAFETY: for SI_QUEUE the kernel filled the fields `QueuedSigInfo` mirrors.
+    Some(unsafe { (*info.cast::<QueuedSigInfo>()).value })
+}
+
+/// The head of the kernel's x86-64 siginfo for signals queued by a process (`_rt` member).
+#[repr(C)]
+struct QueuedSigInfo {
+    signo: i32,
+    errno: i32,
+    code: i32,
+    pad: i32,
+    pid: i32,
+    uid: u32,
+    value: usize,
+}
+
 /// The calling thread's errno.
 pub fn errno() -> i32 {
     // SAFETY: __errno_location returns the calling thread's errno slot, always valid.
@@ -155,9 +211,11 @@ pub fn futex_wake(word: &AtomicU32) {
     }
 }
 
-/// Whether thread `tid` of this process blocks `signal` (from `SigBlk` in its status file).
+/// Whether `signal` waits for thread `tid` of this process because the thread blocks it: pending
+/// and blocked (`SigPnd` and `SigBlk` of its status file). A thread running the signal's handler
+/// blocks it too, but it is no longer pending then: that thread is slow, not refusing.
 /// Reads with raw system calls into a stack buffer: safe while other threads are parked.
-pub fn thread_blocks_signal(tid: i32, signal: i32) -> bool {
+pub fn signal_held_blocked(tid: i32, signal: i32) -> bool {
     let mut path = [0u8; 64];
     let prefix = b"/proc/self/task/";
     path[..prefix.len()].copy_from_slice(prefix);
@@ -197,17 +255,23 @@ pub fn thread_blocks_signal(tid: i32, signal: i32) -> bool {
     // SAFETY: `fd` was opened above and is closed once.
     unsafe { libc::close(fd) };
     let text = &buffer[..filled];
-    let Some(at) = text.windows(7).position(|w| w == b"SigBlk:") else {
-        return false;
+    let bit = 1u64 << (signal - 1);
+    let pending = status_mask(text, b"SigPnd:") | status_mask(text, b"ShdPnd:");
+    pending & status_mask(text, b"SigBlk:") & bit != 0
+}
+
+/// A hex signal mask field of a status file; 0 when absent.
+fn status_mask(text: &[u8], field: &[u8]) -> u64 {
+    let Some(at) = text.windows(field.len()).position(|w| w == field) else {
+        return 0;
     };
-    let mask = text[at + 7..]
+    text[at + field.len()..]
         .iter()
         .skip_while(|b| b.is_ascii_whitespace())
         .take_while(|b| b.is_ascii_hexdigit())
         .fold(0u64, |acc, &b| {
             acc << 4 | (b as char).to_digit(16).expect("hex digit") as u64
-        });
-    mask & (1u64 << (signal - 1)) != 0
+        })
 }
 
 fn write_decimal(out: &mut [u8], mut value: u32) -> usize {
@@ -313,7 +377,7 @@ mod tests {
     }
 
     #[test]
-    fn a_blocked_signal_is_seen_in_the_status_file() {
+    fn a_blocked_pending_signal_is_seen_in_the_status_file() {
         let signal = libc::SIGRTMIN() + 3;
         let (tx, rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
@@ -329,8 +393,13 @@ mod tests {
             stop_rx.recv().ok();
         });
         let tid = rx.recv().unwrap();
-        assert!(thread_blocks_signal(tid, signal));
-        assert!(!thread_blocks_signal(gettid(), signal));
+        assert!(
+            !signal_held_blocked(tid, signal),
+            "blocked, not yet pending"
+        );
+        assert!(tgkill(std::process::id() as i32, tid, signal));
+        assert!(signal_held_blocked(tid, signal));
+        assert!(!signal_held_blocked(gettid(), signal));
         stop_tx.send(()).unwrap();
         helper.join().unwrap();
     }

@@ -7,7 +7,7 @@
 //! (a parked thread may hold the allocator's lock).
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::RedirectError;
@@ -41,6 +41,26 @@ static LISTED: AtomicUsize = AtomicUsize::new(0);
 static ARRIVED: AtomicU32 = AtomicU32::new(0);
 /// Bumped to release parked threads; a futex word.
 static RELEASE: AtomicU32 = AtomicU32::new(0);
+/// Which thread ids have a record in the current stop, one bit per possible id (Linux's
+/// `PID_MAX_LIMIT`), so listing 10,000 threads does not compare each against all others.
+static LISTED_TIDS: [AtomicU64; TID_LIMIT / 64] = [const { AtomicU64::new(0) }; TID_LIMIT / 64];
+const TID_LIMIT: usize = 1 << 22;
+
+fn is_listed(tid: i32) -> bool {
+    let tid = tid as usize % TID_LIMIT;
+    LISTED_TIDS[tid / 64].load(Ordering::Relaxed) & (1 << (tid % 64)) != 0
+}
+
+fn set_listed(tid: i32, listed: bool) {
+    let tid = tid as usize % TID_LIMIT;
+    let bit = 1 << (tid % 64);
+    if listed {
+        LISTED_TIDS[tid / 64].fetch_or(bit, Ordering::Relaxed);
+    } else {
+        LISTED_TIDS[tid / 64].fetch_and(!bit, Ordering::Relaxed);
+    }
+}
+
 /// The installed signal, 0 when none.
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
 /// One writer at a time.
@@ -70,16 +90,24 @@ pub fn signal() -> Option<i32> {
     }
 }
 
-extern "C" fn on_stop_signal(_: libc::c_int, _: *mut libc::siginfo_t, context: *mut libc::c_void) {
+extern "C" fn on_stop_signal(
+    _: libc::c_int,
+    info: *mut libc::siginfo_t,
+    context: *mut libc::c_void,
+) {
     let saved_errno = crate::signals::errno();
     let generation = RELEASE.load(Ordering::SeqCst);
     let tid = crate::signals::gettid();
     let listed = LISTED.load(Ordering::SeqCst).min(MAX_THREADS);
-    let Some(record) = TABLE[..listed]
-        .iter()
-        .find(|r| r.tid.load(Ordering::Acquire) == tid)
+    // SAFETY: the kernel's siginfo of this SA_SIGINFO handler.
+    let slot = unsafe { crate::signals::signal_value(info) };
+    // The writer sends each thread the index of its record; a signal from elsewhere, or a late
+    // one from a stop that gave up on this thread, finds no record of this thread there.
+    let Some(record) = slot
+        .filter(|&slot| slot < listed)
+        .map(|slot| &TABLE[slot])
+        .filter(|r| r.tid.load(Ordering::Acquire) == tid)
     else {
-        // A late signal from a stop that gave up on this thread: nothing to do.
         return;
     };
     record
@@ -121,7 +149,10 @@ impl Drop for StoppedWorld {
 fn release() {
     // Forget the listed threads first: a signal still pending for a thread that never parked
     // then finds no record and returns, instead of parking until some later stop releases it.
-    LISTED.store(0, Ordering::SeqCst);
+    let listed = LISTED.swap(0, Ordering::SeqCst).min(MAX_THREADS);
+    for record in &TABLE[..listed] {
+        set_listed(record.tid.load(Ordering::Relaxed), false);
+    }
     RELEASE.fetch_add(1, Ordering::SeqCst);
     crate::signals::futex_wake(&RELEASE);
 }
@@ -150,10 +181,7 @@ pub fn stop() -> Result<StoppedWorld, RedirectError> {
                 return;
             }
             let listed = LISTED.load(Ordering::Relaxed);
-            if TABLE[..listed]
-                .iter()
-                .any(|r| r.tid.load(Ordering::Relaxed) == tid)
-            {
+            if is_listed(tid) {
                 return;
             }
             if listed == MAX_THREADS {
@@ -165,8 +193,9 @@ pub fn stop() -> Result<StoppedWorld, RedirectError> {
             record.pc.store(0, Ordering::Relaxed);
             record.arrived.store(false, Ordering::Relaxed);
             LISTED.store(listed + 1, Ordering::Release);
+            set_listed(tid, true);
             new_threads += 1;
-            if !crate::signals::tgkill(pid, tid, signal) {
+            if !crate::signals::tgkill_with_value(pid, tid, signal, listed) {
                 // The thread exited since it was listed.
                 record.arrived.store(true, Ordering::Relaxed);
                 ARRIVED.fetch_add(1, Ordering::Release);
@@ -205,7 +234,7 @@ pub fn stop() -> Result<StoppedWorld, RedirectError> {
             if now - started > BLOCKED_GRACE
                 && let Some(record) = TABLE[..LISTED.load(Ordering::Acquire)].iter().find(|r| {
                     !r.arrived.load(Ordering::Acquire)
-                        && crate::signals::thread_blocks_signal(
+                        && crate::signals::signal_held_blocked(
                             r.tid.load(Ordering::Relaxed),
                             signal,
                         )

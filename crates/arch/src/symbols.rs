@@ -24,6 +24,8 @@ pub struct SymbolTable {
     functions: Vec<FunctionSymbol>,
     /// Indices into `functions` sorted by address, for reverse lookups.
     by_address: Vec<usize>,
+    /// Indices into `functions` sorted by name, in table order within a name.
+    by_name: Vec<usize>,
 }
 
 /// Why a function could not be found.
@@ -102,11 +104,15 @@ impl SymbolTable {
             .collect();
         let mut by_address: Vec<usize> = (0..functions.len()).collect();
         by_address.sort_by_key(|&i| (functions[i].address, std::cmp::Reverse(functions[i].size)));
+        let mut by_name: Vec<usize> = (0..functions.len()).collect();
+        // Stable: symbols of one name stay in table order, which `old_sympos` counts in.
+        by_name.sort_by(|&a, &b| functions[a].name.cmp(&functions[b].name));
         Ok(Self {
             path: path.to_owned(),
             full,
             functions,
             by_address,
+            by_name,
         })
     }
 
@@ -126,7 +132,14 @@ impl SymbolTable {
         let path = self.path.display().to_string();
         // Aliases (several names, or the same name twice, at one address) count once.
         let mut matches: Vec<&FunctionSymbol> = Vec::new();
-        for f in self.functions.iter().filter(|f| f.name == name) {
+        let first = self
+            .by_name
+            .partition_point(|&i| self.functions[i].name.as_str() < name);
+        let named = self.by_name[first..]
+            .iter()
+            .map(|&i| &self.functions[i])
+            .take_while(|f| f.name == name);
+        for f in named {
             if !matches.iter().any(|m| m.address == f.address) {
                 matches.push(f);
             }

@@ -5,7 +5,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
-use livepatch_protocol::{Command, Outcome, Request, Response, Status, socket_path};
+use livepatch_protocol::{Command, Outcome, Progress, Request, Response, Status, socket_path};
 
 /// A connected client.
 pub struct Client {
@@ -67,11 +67,29 @@ impl Client {
         }
     }
 
+    /// The progress of `patch` once it left its transition, or after `timeout`.
+    pub fn wait(&mut self, patch: &str, timeout: Duration) -> anyhow::Result<Progress> {
+        let command = Command::Wait {
+            patch: patch.to_string(),
+            timeout_ms: timeout.as_millis().try_into().unwrap_or(u64::MAX),
+        };
+        match self.call(command)? {
+            Outcome::Progress(p) => Ok(p),
+            _ => bail!(
+                "the agent of process {} gave an unexpected answer to a wait request",
+                self.pid
+            ),
+        }
+    }
+
     /// The status of the process.
     pub fn status(&mut self) -> anyhow::Result<Status> {
         match self.call(Command::Status)? {
             Outcome::Status(s) => Ok(s),
-            other => bail!("unexpected answer to a status request: {other:?}"),
+            _ => bail!(
+                "the agent of process {} gave an unexpected answer to a status request",
+                self.pid
+            ),
         }
     }
 }

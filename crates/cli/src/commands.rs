@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
-use livepatch_protocol::{Command, Outcome, Status, socket_dir};
+use livepatch_protocol::{Command, Outcome, Progress, socket_dir};
 
 use crate::Failure;
 use crate::client::Client;
@@ -75,9 +75,9 @@ pub fn load(pid: u32, patch: &Path, wait: Wait) -> Result {
         println!("livepatch: patch '{name}' loaded into process {pid}; its transition runs on");
         return Ok(());
     }
-    let status = wait_for_transition(&mut client, pid, &name, true, wait)?;
-    match status.patches.iter().find(|p| p.name == name) {
-        Some(p) if p.enabled => {
+    let progress = wait_for_transition(&mut client, pid, &name, true, wait)?;
+    match progress.enabled {
+        Some(true) => {
             println!("livepatch: patch '{name}' enabled in process {pid}");
             Ok(())
         }
@@ -98,8 +98,8 @@ pub fn disable(pid: u32, patch: &str, wait: Wait) -> Result {
         println!("livepatch: disabling patch '{patch}' in process {pid}; its transition runs on");
         return Ok(());
     }
-    let status = wait_for_transition(&mut client, pid, patch, false, wait)?;
-    match status.patches.iter().find(|p| p.name == patch) {
+    let progress = wait_for_transition(&mut client, pid, patch, false, wait)?;
+    match progress.enabled {
         None => {
             println!("livepatch: patch '{patch}' disabled in process {pid}");
             Ok(())
@@ -219,29 +219,34 @@ pub fn log(pid: u32, follow: bool) -> Result {
     }
 }
 
-/// Polls the status until `patch` is no longer in transition, showing which
-/// threads are pending. Times out with [`Failure::Timeout`].
+/// Waits until `patch` is no longer in transition, showing which threads are pending. Times
+/// out with [`Failure::Timeout`].
 fn wait_for_transition(
     client: &mut Client,
     pid: u32,
     patch: &str,
     patching: bool,
     wait: Wait,
-) -> std::result::Result<Status, Failure> {
+) -> std::result::Result<Progress, Failure> {
     let start = Instant::now();
     let tty = std::io::stderr().is_terminal();
     let mut last_line = String::new();
-    let mut poll = Duration::from_millis(2);
+    // The agent answers a wait as soon as the transition ends; between answers the progress
+    // line is refreshed.
+    let progress_period = Duration::from_millis(250);
+    let mut progress = client.wait(patch, Duration::ZERO)?;
     loop {
-        let status = client.status()?;
-        let running = status.transition.as_ref().is_some_and(|t| t.patch == patch);
+        let running = progress
+            .transition
+            .as_ref()
+            .is_some_and(|t| t.patch == patch);
         if !running {
             if tty && !last_line.is_empty() {
                 eprint!("\r\x1b[K");
             }
-            return Ok(status);
+            return Ok(progress);
         }
-        let line = render::progress(&status, patch);
+        let line = render::progress(&progress, patch);
         if tty {
             eprint!("\r\x1b[K{line}");
         } else if line != last_line {
@@ -253,14 +258,14 @@ fn wait_for_transition(
                 eprintln!();
             }
             return Err(Failure::Timeout(render::timeout_advice(
-                &status,
+                &progress,
                 pid,
                 patch,
                 patching,
                 wait.timeout,
             )));
         }
-        std::thread::sleep(poll);
-        poll = (poll * 2).min(Duration::from_millis(100));
+        let left = wait.timeout.saturating_sub(start.elapsed());
+        progress = client.wait(patch, left.min(progress_period))?;
     }
 }

@@ -3,7 +3,7 @@
 use std::fmt::Write;
 use std::time::Duration;
 
-use livepatch_protocol::{Status, ThreadStatus};
+use livepatch_protocol::{Progress, Status, ThreadStatus};
 
 fn state_name(s: i8) -> &'static str {
     match s {
@@ -139,8 +139,8 @@ pub fn status(s: &Status) -> String {
     out
 }
 
-fn blocked_summary(s: &Status) -> (usize, Vec<String>) {
-    let pending: Vec<&ThreadStatus> = s.threads.iter().filter(|t| t.pending).collect();
+fn blocked_summary(s: &Progress) -> (usize, Vec<String>) {
+    let pending = &s.pending;
     let blocked = pending
         .iter()
         .filter(|t| t.blocking.is_some())
@@ -157,7 +157,7 @@ fn describe_block(b: &str) -> String {
 }
 
 /// The one-line progress of a transition.
-pub fn progress(s: &Status, patch: &str) -> String {
+pub fn progress(s: &Progress, patch: &str) -> String {
     let target = s
         .transition
         .as_ref()
@@ -166,7 +166,7 @@ pub fn progress(s: &Status, patch: &str) -> String {
     let (pending, blocked) = blocked_summary(s);
     let mut line = format!(
         "livepatch: '{patch}' to {target}: {pending} of {} threads pending",
-        s.threads.len()
+        s.threads
     );
     if !blocked.is_empty() {
         let shown: Vec<&String> = blocked.iter().take(3).collect();
@@ -188,7 +188,7 @@ pub fn progress(s: &Status, patch: &str) -> String {
 
 /// What to say when a wait times out.
 pub fn timeout_advice(
-    s: &Status,
+    s: &Progress,
     pid: u32,
     patch: &str,
     patching: bool,

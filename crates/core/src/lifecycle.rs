@@ -187,10 +187,10 @@ impl Livepatch {
         self.init_transition(p, idx, PatchState::Patched);
 
         let failure = 'enable: {
-            if let Err(ret) = self.setup_states(p, idx) {
+            if let Err((id, ret)) = self.setup_states(p, idx) {
                 break 'enable Some(EnableError::new(
                     errno_of(ret),
-                    format!("a setup callback of patch '{name}' failed with {ret}"),
+                    format!("the setup callback of state {id} of patch '{name}' failed with {ret}"),
                 ));
             }
             if self.patches[idx].replace {

@@ -119,14 +119,19 @@ impl Livepatch {
 
     /// Runs `setup` for each state new to the system; on a failure releases
     /// what was set up and returns the callback's result.
-    pub(crate) fn setup_states<P: Platform>(&mut self, p: &mut P, patch: usize) -> Result<(), i32> {
+    /// On failure, the id of the state whose setup failed and the callback's result.
+    pub(crate) fn setup_states<P: Platform>(
+        &mut self,
+        p: &mut P,
+        patch: usize,
+    ) -> Result<(), (u64, i32)> {
         for state in 0..self.patches[patch].states.len() {
             let id = self.patches[patch].states[state].id;
             if !self.is_state_in_other_patches(patch, id) {
                 let ret = self.call_state(p, patch, state, StateCallbackKind::Setup);
                 if ret != 0 {
                     self.release_states(p, patch);
-                    return Err(ret);
+                    return Err((id, ret));
                 }
             }
             self.patches[patch].states[state].setup_succeeded = true;

@@ -99,6 +99,14 @@ fn flag(b: bool) -> String {
 }
 
 impl Livepatch {
+    /// `/sys/kernel/livepatch/<patch>/enabled` alone; `None` when the patch is not active.
+    pub fn is_enabled(&self, name: &str) -> Option<bool> {
+        self.patches
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.enabled)
+    }
+
     /// The state of every active patch, in enable order.
     pub fn patch_statuses(&self) -> Vec<PatchStatus> {
         let tp = self.transition_patch_index();

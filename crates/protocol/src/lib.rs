@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 /// The protocol version; bumped on any incompatible change.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// The environment variable that overrides the socket directory.
 pub const SOCKET_DIR_ENV: &str = "LIVEPATCH_SOCKET_DIR";
@@ -79,6 +79,14 @@ pub enum Command {
     },
     /// Report the patches and threads.
     Status,
+    /// Answer with the [`Progress`] of `patch` as soon as it is no longer in transition, or
+    /// after `timeout_ms` (a client shows progress between waits).
+    Wait {
+        /// The patch name.
+        patch: String,
+        /// The longest the agent holds the answer back.
+        timeout_ms: u64,
+    },
     /// Report log lines with a sequence number above `after`.
     Log {
         /// The last sequence number the client has seen (0: from the start).
@@ -108,6 +116,8 @@ pub enum Outcome {
     },
     /// The status.
     Status(Status),
+    /// The progress of a transition (the answer to a wait).
+    Progress(Progress),
     /// Log lines.
     Log {
         /// The lines, oldest first.
@@ -120,6 +130,20 @@ pub enum Outcome {
         /// What failed and why.
         message: String,
     },
+}
+
+/// Where a transition stands: what a client waiting for it needs, without the cost of a full
+/// [`Status`] (the names of every thread, every function of every patch).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// The transition running now, if any (it may be another patch's).
+    pub transition: Option<TransitionStatus>,
+    /// Whether the patch waited for is enabled; `None` when it is gone.
+    pub enabled: Option<bool>,
+    /// How many threads the process has.
+    pub threads: usize,
+    /// The threads that still have to switch, when the waited-for patch is in transition.
+    pub pending: Vec<ThreadStatus>,
 }
 
 /// One line of the agent's log.
@@ -275,14 +299,14 @@ mod tests {
             patch: "fix".into(),
         });
         let line = serde_json::to_string(&r).unwrap();
-        assert_eq!(line, r#"{"v":1,"cmd":"disable","patch":"fix"}"#);
+        assert_eq!(line, r#"{"v":2,"cmd":"disable","patch":"fix"}"#);
         assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), r);
 
         let e = Response::error(16, "busy");
         let line = serde_json::to_string(&e).unwrap();
         assert_eq!(
             line,
-            r#"{"v":1,"result":"error","errno":16,"message":"busy"}"#
+            r#"{"v":2,"result":"error","errno":16,"message":"busy"}"#
         );
         assert_eq!(serde_json::from_str::<Response>(&line).unwrap(), e);
 
@@ -292,6 +316,23 @@ mod tests {
         }));
         let back: Response = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
         assert_eq!(back, s);
+
+        let w = Request::new(Command::Wait {
+            patch: "fix".into(),
+            timeout_ms: 250,
+        });
+        let line = serde_json::to_string(&w).unwrap();
+        assert_eq!(
+            line,
+            r#"{"v":2,"cmd":"wait","patch":"fix","timeout_ms":250}"#
+        );
+        let p = Response::new(Outcome::Progress(Progress {
+            threads: 3,
+            enabled: Some(true),
+            ..Default::default()
+        }));
+        let back: Response = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+        assert_eq!(back, p);
     }
 
     #[test]
