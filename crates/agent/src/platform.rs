@@ -55,11 +55,14 @@ fn target_address(target: Target) -> usize {
 }
 
 /// The stub's decision for a site in transition, on the calling thread: the previous func for
-/// a thread still UNPATCHED, the top otherwise.
-extern "C" fn decide(cookie: u64) -> usize {
+/// a thread still UNPATCHED, the top otherwise. A pending thread whose callers are clean switches
+/// first: entering a function is its switch point, so a thread that calls patched functions
+/// back to back, and is never found outside them by a signal, still switches.
+extern "C" fn decide(cookie: u64, entry_sp: usize) -> usize {
     // SAFETY: cookies are addresses of leaked `SiteDispatch` records (see `site_dispatch`).
     let site = unsafe { &*(cookie as *const SiteDispatch) };
     threads::set_in_slow_path(true);
+    threads::switch_at_entry(entry_sp as u64);
     let target = if threads::current_state() == PatchState::Unpatched {
         site.previous.load(Ordering::Acquire)
     } else {
@@ -309,9 +312,17 @@ impl ProcessPlatform {
     }
 
     /// What `status` says about a blocked thread.
-    pub fn describe_block(&self, _tid: Tid, reason: &BlockReason) -> String {
+    pub fn describe_block(&self, tid: Tid, reason: &BlockReason) -> String {
         match reason {
             BlockReason::SleepingOn(function) => function.clone(),
+            BlockReason::Running
+                if livepatch_arch::signals::signal_held_blocked(tid, self.check_signal) =>
+            {
+                format!(
+                    "(blocks signal {}: switches at klp_update_patch_state)",
+                    self.check_signal
+                )
+            }
             BlockReason::Running => "(running: did not answer the check)".into(),
             BlockReason::UnreliableStack => "(stack could not be checked)".into(),
             BlockReason::Error(errno) => format!("(error {errno:?})"),
@@ -347,6 +358,25 @@ impl ProcessPlatform {
         CALLBACK_TID.store(0, Ordering::SeqCst);
         *CALLBACK_CONTEXT.lock().unwrap_or_else(|e| e.into_inner()) = None;
         result
+    }
+
+    /// Code a thread runs between a stub and the function it chose: every stub block (stubs
+    /// and trampolines, which run the first instructions of the old function) and the agent's
+    /// own code (the slow path and the decision). A thread stopped there may have chosen a
+    /// version already; it is checked again later, never switched there.
+    fn slow_path_code(&mut self) -> Vec<(u64, u64)> {
+        let own = decide as *const () as usize;
+        let agent_code: Vec<(usize, usize)> = self
+            .loaded_objects()
+            .iter()
+            .find(|o| o.contains_code(own))
+            .map(|o| o.code_ranges.clone())
+            .unwrap_or_default();
+        livepatch_arch::code_memory::arena_ranges()
+            .into_iter()
+            .chain(agent_code)
+            .map(|(start, end)| (start as u64, end as u64))
+            .collect()
     }
 
     fn site_dispatch(&mut self, address: Addr) -> &'static SiteDispatch {
@@ -501,6 +531,13 @@ impl Platform for ProcessPlatform {
     }
 
     fn unregister_sites(&mut self, addrs: &[Addr]) {
+        // A thread that entered a stub just before the restore may still be on its way to the
+        // decision: it must find the original function, not the last target.
+        for &addr in addrs {
+            let site = self.site_dispatch(addr);
+            site.top.store(0, Ordering::Release);
+            site.previous.store(0, Ordering::Release);
+        }
         let addresses: Vec<usize> = addrs.iter().map(|&a| a as usize).collect();
         if let Err(e) = redirect::restore(&addresses) {
             self.log.agent("error", &format!("livepatch: {e}"));
@@ -565,7 +602,7 @@ impl Platform for ProcessPlatform {
         let input = threads::RoundInput {
             ranges: ranges.iter().map(|r| (r.start, r.start + r.size)).collect(),
             stacks,
-            unsafe_pcs: Vec::new(),
+            unsafe_pcs: self.slow_path_code(),
         };
         let pid = std::process::id() as i32;
         let signal = self.check_signal;

@@ -296,6 +296,29 @@ pub fn update_patch_state() {
         .compare_exchange(cur, target, Ordering::SeqCst, Ordering::SeqCst);
 }
 
+/// The switch point at a function's entry, from the stub's slow path: a pending thread whose
+/// stack above `entry_sp` (its callers) holds nothing in transition takes the target state.
+/// Only while a check round publishes the ranges; the round's signal finds it switched.
+pub fn switch_at_entry(entry_sp: u64) {
+    IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
+    let cfg = CONFIG.load(Ordering::SeqCst);
+    if !cfg.is_null() {
+        // SAFETY: a published configuration stays valid while IN_FLIGHT counts us (rule 3).
+        let cfg = unsafe { &*cfg };
+        if let Some(rec) = record(gettid())
+            && rec.state.load(Ordering::SeqCst) == cfg.from
+            && !on_alt_stack()
+            && matches!(check_stack(cfg, 0, entry_sp), Verdict::Clean)
+        {
+            // Fails only when the thread's own signal handler switched it meanwhile.
+            let _ =
+                rec.state
+                    .compare_exchange(cfg.from, cfg.to, Ordering::SeqCst, Ordering::SeqCst);
+        }
+    }
+    IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+}
+
 /// Marks the calling thread as inside (or out of) the stub's slow path, for
 /// [`synchronize`].
 pub fn set_in_slow_path(inside: bool) {

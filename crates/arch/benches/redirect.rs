@@ -63,7 +63,7 @@ const TWO_FUNCTIONS: &str = "volatile int bias = 1;\n\
 /// What the decider answers on the slow path.
 static DECISION: AtomicUsize = AtomicUsize::new(0);
 
-extern "C" fn decide(_cookie: u64) -> usize {
+extern "C" fn decide(_cookie: u64, _entry_sp: usize) -> usize {
     DECISION.load(Ordering::Relaxed)
 }
 

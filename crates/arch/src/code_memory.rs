@@ -21,6 +21,16 @@ struct Arena {
 
 static ARENAS: Mutex<Vec<Arena>> = Mutex::new(Vec::new());
 
+/// Every arena as a `[start, end)` range: the code of all stubs, slow entries and trampolines.
+pub fn arena_ranges() -> Vec<(usize, usize)> {
+    ARENAS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|a| (a.start, a.start + ARENA_SIZE))
+        .collect()
+}
+
 /// Whether `target` can be reached from `from` with a 32-bit displacement margin.
 pub fn within_reach(from: usize, target: usize) -> bool {
     from.abs_diff(target) < REACH

@@ -38,10 +38,11 @@ const TRAMPOLINE_OFFSET: usize = 64;
 /// How often a commit retries when a thread is parked inside bytes to be rewritten.
 const PC_CONFLICT_RETRIES: u32 = 500;
 
-/// The caller's choice for a site in transition: given the site's cookie, the address to run, or
-/// 0 for the original function. Runs on the calling thread at the function's entry: it must not
-/// block, allocate, or take locks the program may hold.
-pub type Decider = extern "C" fn(cookie: u64) -> usize;
+/// The caller's choice for a site in transition: given the site's cookie and the stack pointer at
+/// the function's entry (it points at the return address into the caller), the address to run,
+/// or 0 for the original function. Runs on the calling thread at the function's entry: it must
+/// not block, allocate, or take locks the program may hold.
+pub type Decider = extern "C" fn(cookie: u64, entry_sp: usize) -> usize;
 
 static DECIDER: AtomicUsize = AtomicUsize::new(0);
 
@@ -491,14 +492,14 @@ fn apply(write: &CodeWrite) {
     }
 }
 
-extern "C" fn decide_target(cookie: u64, original: usize) -> usize {
+extern "C" fn decide_target(cookie: u64, original: usize, entry_sp: usize) -> usize {
     let decider = DECIDER.load(Ordering::Acquire);
     if decider == 0 {
         return original;
     }
     // SAFETY: DECIDER only ever holds a `Decider` stored by `set_decider`.
     let decider: Decider = unsafe { std::mem::transmute::<usize, Decider>(decider) };
-    match decider(cookie) {
+    match decider(cookie, entry_sp) {
         0 => original,
         target => target,
     }
@@ -533,6 +534,8 @@ unsafe extern "C" fn slow_path_common() {
         "movdqu [rsp + 112], xmm7",
         "mov rdi, [r11 + {cookie}]",
         "mov rsi, [r11 + {original}]",
+        // The stack pointer at the function's entry, above the ten words pushed here.
+        "lea rdx, [rbp + 80]",
         "call [r11 + {decide}]",
         "mov r11, rax",
         "movdqu xmm0, [rsp]",

@@ -27,7 +27,7 @@ fn setup() -> MutexGuard<'static, ()> {
 static DECISION: AtomicUsize = AtomicUsize::new(0);
 static DECISIONS_ASKED: AtomicUsize = AtomicUsize::new(0);
 
-extern "C" fn decide(_cookie: u64) -> usize {
+extern "C" fn decide(_cookie: u64, _entry_sp: usize) -> usize {
     DECISIONS_ASKED.fetch_add(1, Ordering::Relaxed);
     DECISION.load(Ordering::Relaxed)
 }

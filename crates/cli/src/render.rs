@@ -151,7 +151,8 @@ fn blocked_summary(s: &Progress) -> (usize, Vec<String>) {
 
 fn describe_block(b: &str) -> String {
     match b {
-        "running" | "unreliable stack" => b.to_string(),
+        // The agent puts reasons that are not a function in parentheses.
+        reason if reason.starts_with('(') => reason.to_string(),
         f => format!("in {f}"),
     }
 }

@@ -162,7 +162,8 @@ impl Livepatch {
         });
         for tid in p.threads() {
             if let Some(st) = p.thread_state(tid) {
-                if st.state != PatchState::Idle {
+                // A thread born since the publication above already has the initial state.
+                if st.state != PatchState::Idle && st.state != initial {
                     self.warn(p, &format!("init_transition: thread {tid} is not IDLE"));
                 }
                 p.set_thread_state(

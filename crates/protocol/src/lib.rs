@@ -257,7 +257,8 @@ pub struct ThreadStatus {
     /// Still has to switch.
     pub pending: bool,
     /// Why it could not switch at the last attempt: the function it is
-    /// sleeping on, or "running" / "unreliable stack".
+    /// in, or a reason in parentheses ("(running: did not answer the check)",
+    /// "(blocks signal N: ...)", "(stack could not be checked)").
     pub blocking: Option<String>,
 }
 
