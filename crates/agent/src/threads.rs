@@ -209,9 +209,7 @@ pub fn prepare(tid: Tid) {
 /// if it had none (control thread only).
 pub fn register(tid: Tid) -> Option<&'static ThreadRecord> {
     let rec = ensure_slot(tid)?;
-    if rec.tid.load(Ordering::Acquire) != tid {
-        claim(rec, tid, discovered_state());
-    }
+    claim(rec, tid, discovered_state(), Claim::IfUnclaimed);
     Some(rec)
 }
 
@@ -220,12 +218,42 @@ pub fn register(tid: Tid) -> Option<&'static ThreadRecord> {
 pub fn register_birth() {
     let tid = gettid();
     if let Some(rec) = ensure_slot(tid) {
-        claim(rec, tid, NEW_THREAD.load(Ordering::SeqCst));
+        claim(rec, tid, NEW_THREAD.load(Ordering::SeqCst), Claim::Always);
     }
 }
 
-/// Takes a slot for `tid` in `state`.
-fn claim(rec: &ThreadRecord, tid: Tid, state: u8) {
+/// A record's `tid` while someone writes its state.
+const CLAIMING: Tid = -1;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Claim {
+    /// A thread being born: its record may hold a dead thread with the same id.
+    Always,
+    /// A thread found running: a record already claimed for it (by its own birth, which knows
+    /// better) is kept.
+    IfUnclaimed,
+}
+
+/// Takes a slot for `tid` in `state`. Claims exclude each other through the `CLAIMING` id, so
+/// a thread's birth and the control thread discovering it cannot mix their states.
+fn claim(rec: &ThreadRecord, tid: Tid, state: u8, how: Claim) {
+    loop {
+        let current = rec.tid.load(Ordering::Acquire);
+        if current == CLAIMING {
+            std::hint::spin_loop();
+            continue;
+        }
+        if current == tid && how == Claim::IfUnclaimed {
+            return;
+        }
+        if rec
+            .tid
+            .compare_exchange(current, CLAIMING, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            break;
+        }
+    }
     rec.state.store(state, Ordering::SeqCst);
     rec.request.store(0, Ordering::Relaxed);
     rec.tid.store(tid, Ordering::Release);
@@ -233,9 +261,14 @@ fn claim(rec: &ThreadRecord, tid: Tid, state: u8) {
 
 /// Frees the record of a thread that exited (control thread only).
 pub fn forget(tid: Tid) {
-    if let Some(rec) = record(tid) {
-        rec.tid.store(0, Ordering::Release);
+    if let Some(rec) = slot_record(tid)
+        && rec
+            .tid
+            .compare_exchange(tid, CLAIMING, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    {
         rec.state.store(IDLE, Ordering::SeqCst);
+        rec.tid.store(0, Ordering::Release);
     }
 }
 
@@ -272,7 +305,7 @@ pub fn current_state() -> PatchState {
             unpack(rec.state.load(Ordering::SeqCst)).state
         }
         Some(rec) => {
-            claim(rec, tid, discovered_state());
+            claim(rec, tid, discovered_state(), Claim::IfUnclaimed);
             unpack(rec.state.load(Ordering::SeqCst)).state
         }
         None => unpack(discovered_state()).state,
