@@ -62,6 +62,11 @@ impl Client {
             )
         })?;
         match response.outcome {
+            // The errno is what insmod or a sysfs write would have failed with.
+            Outcome::Error { message, errno } if errno > 0 => Err(anyhow!(
+                "{message} [{}]",
+                std::io::Error::from_raw_os_error(errno)
+            )),
             Outcome::Error { message, .. } => Err(anyhow!(message)),
             other => Ok(other),
         }
