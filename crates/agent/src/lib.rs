@@ -5,6 +5,7 @@
 //! - [`runtime`]: the agent, its commands, loading and unloading patch libraries.
 //! - [`platform`]: the core's platform trait implemented on this process.
 //! - [`threads`]: per-thread records and the signal-driven stack checks.
+//! - [`unwind`]: precise stack walks over the loaded objects' unwind tables, for those checks.
 //! - [`abi`] / [`capi`]: the C ABI of `livepatch.h`, both directions.
 //! - [`loader`]: `dlopen`/`dlclose`/`pthread_create` interposition.
 //! - [`server`], [`log`]: the control socket and the log ring.
@@ -20,6 +21,7 @@ pub mod platform;
 pub mod runtime;
 pub mod server;
 pub mod threads;
+pub mod unwind;
 
 pub use runtime::{StartError, start};
 

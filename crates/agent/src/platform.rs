@@ -130,6 +130,8 @@ pub struct ProcessPlatform {
     /// Build ids that patches require, by patch.
     build_ids: BTreeMap<String, Vec<BuildIdRequirement>>,
     snapshot: Snapshot,
+    /// The last check round found a thread blocked: the next one also walks stacks precisely.
+    walk_stacks: bool,
 }
 
 /// The link map and the memory map, read at most once per request: the core resolves and
@@ -186,6 +188,7 @@ impl ProcessPlatform {
             seen_threads: BTreeSet::new(),
             build_ids: BTreeMap::new(),
             snapshot: Snapshot::default(),
+            walk_stacks: false,
         };
         // Threads that exist before any transition get their records now, IDLE; later ones are
         // recorded at birth by the pthread_create wrapper.
@@ -603,12 +606,22 @@ impl Platform for ProcessPlatform {
             ranges: ranges.iter().map(|r| (r.start, r.start + r.size)).collect(),
             stacks,
             unsafe_pcs: self.slow_path_code(),
+            // Only after a round found a blocked thread: the scan alone clears idle threads, and
+            // the walk is there to clear threads that the scan blocks on a stale word. Rebuilt
+            // only when an object's unwind sections changed; it reads the link map itself
+            // because it copies the sections under the dynamic linker's lock.
+            unwinder: self.walk_stacks.then(crate::unwind::current),
         };
         let pid = std::process::id() as i32;
         let signal = self.check_signal;
-        threads::check_round(tids, target, input, check_deadline(tids.len()), |tid| {
-            livepatch_arch::signals::tgkill(pid, tid, signal)
-        })
+        let results =
+            threads::check_round(tids, target, input, check_deadline(tids.len()), |tid| {
+                livepatch_arch::signals::tgkill(pid, tid, signal)
+            });
+        self.walk_stacks = results
+            .iter()
+            .any(|r| matches!(r, SwitchResult::Blocked(_)));
+        results
     }
 
     fn synchronize_transition(&mut self) {

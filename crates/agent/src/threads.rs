@@ -19,16 +19,24 @@
 //!    stack pointer and the end of the mapping that holds it, as listed in
 //!    the configuration; a stack pointer outside every listed mapping, or a
 //!    thread running on an alternate signal stack, makes the stack
-//!    "unreliable" rather than clean.
+//!    "unreliable" rather than clean. The precise walk reads through the same
+//!    bounds (see `unwind`).
 //! 5. The handler saves and restores `errno` and makes only async-signal-safe
 //!    system calls (gettid, sigaltstack, futex).
+//! 6. A stack is "clean" only from a walk that reached the outermost frame by
+//!    the unwind tables' own rules, or from the conservative scan of every
+//!    word; a walk that stopped anywhere else is never taken for clean. The
+//!    unwinder belongs to the configuration, so it lives as long (rule 3).
 
 use std::ffi::c_void;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use livepatch_arch::signals;
 use livepatch_core::{PatchState, SwitchResult, ThreadState, Tid};
+
+use crate::unwind::{StackUnwinder, WalkStart};
 
 /// The highest thread id plus one (`PID_MAX_LIMIT`).
 const TID_LIMIT: usize = 1 << 22;
@@ -341,7 +349,10 @@ pub fn switch_at_entry(entry_sp: u64) {
         if let Some(rec) = record(gettid())
             && rec.state.load(Ordering::SeqCst) == cfg.from
             && !on_alt_stack()
-            && matches!(check_stack(cfg, 0, entry_sp), Verdict::Clean)
+            && matches!(
+                check_stack(cfg, WalkStart::FunctionEntry { sp: entry_sp }),
+                Verdict::Clean
+            )
         {
             // Fails only when the thread's own signal handler switched it meanwhile.
             let _ =
@@ -405,6 +416,8 @@ pub struct CheckConfig {
     stacks: Vec<(u64, u64)>,
     /// Code where a thread must not be interrupted to switch (slow paths).
     unsafe_pcs: Vec<(u64, u64)>,
+    /// The precise walk, when the control thread could build it.
+    unwinder: Option<Arc<StackUnwinder>>,
 }
 
 static CONFIG: AtomicPtr<CheckConfig> = AtomicPtr::new(std::ptr::null_mut());
@@ -476,6 +489,7 @@ fn mapping_end(stacks: &[(u64, u64)], sp: u64) -> Option<u64> {
 /// The longest stack the handler scans; beyond it the stack is unreliable.
 const MAX_SCAN: u64 = 64 << 20;
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Verdict {
     Clean,
     Blocked(u32),
@@ -483,27 +497,62 @@ enum Verdict {
     Raced,
 }
 
-/// The stack check of one thread, from its interrupted PC and stack
-/// pointer: the PC and every word between the stack pointer and the top of
-/// its stack against the ranges. A conservative scan: every return address
-/// of every live frame is on the stack, so it never says clean wrongly; a
-/// stale word that looks like a return address only delays the switch.
+/// The stack check of one thread, from its interrupted registers or from a
+/// function's entry: the PC and every return address against the ranges.
 ///
-/// A word counts as a return address into a function when the byte before
-/// it lies in the function (the call instruction's last byte), as unwinders
-/// do with `pc - 1`. A pointer to a function's entry, which a program may
-/// keep in a local for as long as it runs, is never taken for a call into it.
-fn check_stack(cfg: &CheckConfig, pc: u64, sp: u64) -> Verdict {
+/// First the conservative scan, which is never wrongly clean: a clean scan
+/// settles it. A thread the scan suspects gets a precise walk over the unwind
+/// tables: when it reaches the outermost frame by their own rules, its frames
+/// are the whole call chain and its verdict stands, so a stale word that only
+/// looks like a return address holds nothing. Anywhere else (code without
+/// unwind tables, a rule the walk does not rely on, a slot outside the stack,
+/// no unwinder or no free cache) the scan's verdict stands.
+fn check_stack(cfg: &CheckConfig, start: WalkStart) -> Verdict {
+    let (pc, sp) = match start {
+        WalkStart::Interrupted { pc, sp, .. } => (pc, sp),
+        // No instruction of the entered function ran: only its callers are on the stack.
+        WalkStart::FunctionEntry { sp } => (0, sp),
+    };
     if cfg.unsafe_pcs.iter().any(|&(a, b)| pc >= a && pc < b) {
         return Verdict::Unreliable;
     }
-    let mut best = find(&cfg.ranges, pc);
     let Some(top) = mapping_end(&cfg.stacks, sp) else {
         return Verdict::Unreliable;
     };
     if top - sp > MAX_SCAN || !sp.is_multiple_of(8) {
         return Verdict::Unreliable;
     }
+    // The scan is cheap and never wrongly clean, so a clean scan settles it; the walk, which
+    // costs a table lookup per frame, only runs to clear a thread the scan suspects.
+    let scanned = scan_stack(cfg, pc, sp, top);
+    if !matches!(scanned, Verdict::Blocked(_)) {
+        return scanned;
+    }
+    if let Some(unwinder) = &cfg.unwinder {
+        let mut best: Option<u32> = None;
+        let complete = unwinder.walk(start, top, |address| {
+            if let Some(i) = find(&cfg.ranges, address) {
+                best = Some(best.map_or(i, |b| b.min(i)));
+            }
+        });
+        if complete {
+            return best.map_or(Verdict::Clean, Verdict::Blocked);
+        }
+    }
+    scanned
+}
+
+/// The conservative check: the PC and every word between the stack pointer
+/// and the top of its stack against the ranges. Every return address of
+/// every live frame is on the stack, so it never says clean wrongly; a stale
+/// word that looks like a return address only delays the switch.
+///
+/// A word counts as a return address into a function when the byte before
+/// it lies in the function (the call instruction's last byte), as unwinders
+/// do with `pc - 1`. A pointer to a function's entry, which a program may
+/// keep in a local for as long as it runs, is never taken for a call into it.
+fn scan_stack(cfg: &CheckConfig, pc: u64, sp: u64, top: u64) -> Verdict {
+    let mut best = find(&cfg.ranges, pc);
     // Most stack words are data far from any patched code: one comparison
     // against the span of all ranges rules them out.
     let (low, high) = match (cfg.ranges.first(), cfg.ranges.last()) {
@@ -566,8 +615,11 @@ unsafe fn answer(cfg: &CheckConfig, ctx: *mut c_void) {
     if rec.answered.load(Ordering::Acquire) == cfg.round {
         return;
     }
-    let pc = signals::interrupted_pc(ctx) as u64;
-    let sp = signals::interrupted_sp(ctx) as u64;
+    let start = WalkStart::Interrupted {
+        pc: signals::interrupted_pc(ctx) as u64,
+        sp: signals::interrupted_sp(ctx) as u64,
+        bp: signals::interrupted_bp(ctx) as u64,
+    };
     let verdict = if rec.in_slow_path.load(Ordering::SeqCst) != 0 {
         // Interrupted while choosing a target from its state: switching now could let it run
         // the code of the state it just left.
@@ -575,7 +627,7 @@ unsafe fn answer(cfg: &CheckConfig, ctx: *mut c_void) {
     } else if on_alt_stack() {
         Verdict::Unreliable
     } else {
-        check_stack(cfg, pc, sp)
+        check_stack(cfg, start)
     };
     let (kind, index) = match verdict {
         Verdict::Clean => {
@@ -610,6 +662,9 @@ pub struct RoundInput {
     pub stacks: Vec<(u64, u64)>,
     /// Code where no thread may switch (slow paths of stubs).
     pub unsafe_pcs: Vec<(u64, u64)>,
+    /// The precise walk over the loaded objects' unwind tables; without it every check is the
+    /// conservative scan.
+    pub unwinder: Option<Arc<StackUnwinder>>,
 }
 
 /// Asks each thread of `tids` (all pending) to check its stack and switch to
@@ -648,6 +703,7 @@ pub fn check_round(
         ranges: disjoint(&indexed),
         stacks,
         unsafe_pcs: input.unsafe_pcs,
+        unwinder: input.unwinder,
     });
     let cfg_ptr = Box::into_raw(cfg);
     ACKS.store(0, Ordering::SeqCst);
@@ -703,7 +759,8 @@ pub fn check_round(
     while IN_FLIGHT.load(Ordering::SeqCst) != 0 {
         std::hint::spin_loop();
     }
-    // SAFETY: unpublished and no handler uses it any more.
+    // SAFETY: unpublished and no handler uses it any more. This also drops the configuration's
+    // hold on the unwinder, here on the control thread, never in a handler.
     drop(unsafe { Box::from_raw(cfg_ptr) });
 
     tids.iter()
@@ -733,6 +790,261 @@ pub fn check_round(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::unwind;
+    use crate::unwind::tests::{function_range, interrupt_self};
+
+    /// A configuration as `check_round` builds it, with one range (index 0) to block on.
+    fn config_for(range: (u64, u64), unwinder: Option<Arc<StackUnwinder>>) -> CheckConfig {
+        let mut stacks: Vec<(u64, u64)> = livepatch_arch::maps::read()
+            .unwrap()
+            .iter()
+            .filter(|m| m.prot & libc::PROT_WRITE != 0)
+            .map(|m| (m.start as u64, m.end as u64))
+            .collect();
+        stacks.sort_unstable();
+        CheckConfig {
+            round: 0,
+            from: 0,
+            to: 0,
+            ranges: disjoint(&[(range.0, range.1, 0)]),
+            stacks,
+            unsafe_pcs: Vec::new(),
+            unwinder,
+        }
+    }
+
+    /// What the checks said about one stack.
+    #[derive(Debug, Clone, Copy)]
+    struct Checked {
+        /// `check_stack`: the walk, or the scan when the walk is incomplete.
+        verdict: Verdict,
+        /// The conservative scan alone.
+        scanned: Verdict,
+        /// Whether the walk reached the outermost frame.
+        walk_complete: bool,
+    }
+
+    fn check(cfg: &CheckConfig, start: WalkStart) -> Checked {
+        let sp = start.sp();
+        let pc = match start {
+            WalkStart::Interrupted { pc, .. } => pc,
+            WalkStart::FunctionEntry { .. } => 0,
+        };
+        let top = mapping_end(&cfg.stacks, sp).expect("the stack is a listed mapping");
+        let walk_complete = cfg
+            .unwinder
+            .as_ref()
+            .is_some_and(|u| u.walk(start, top, |_| {}));
+        Checked {
+            verdict: check_stack(cfg, start),
+            scanned: scan_stack(cfg, pc, sp, top),
+            walk_complete,
+        }
+    }
+
+    /// The checks of the calling thread's stack, run in a signal handler as the agent runs them.
+    fn check_in_handler(cfg: &CheckConfig) -> Checked {
+        let mut checked = None;
+        interrupt_self(&mut |context| {
+            checked = Some(check(
+                cfg,
+                WalkStart::Interrupted {
+                    pc: signals::interrupted_pc(context) as u64,
+                    sp: signals::interrupted_sp(context) as u64,
+                    bp: signals::interrupted_bp(context) as u64,
+                },
+            ));
+        });
+        checked.expect("the handler ran")
+    }
+
+    /// Stands for a function being patched that is not running during the checks.
+    #[inline(never)]
+    fn patched_stand_in(x: u64) -> u64 {
+        std::hint::black_box(x).wrapping_mul(3) ^ 0x55
+    }
+
+    /// Stands for a function being patched that is on the stack during the check.
+    #[inline(never)]
+    fn patched_caller_of_the_check(cfg: &CheckConfig) -> Checked {
+        let checked = check_in_handler(cfg);
+        std::hint::black_box(checked)
+    }
+
+    /// Keeps a word that looks like a return address into `patched_stand_in` in a local array,
+    /// as a program's stale data would, while its thread is checked.
+    #[inline(never)]
+    fn holder_of_a_stale_word(cfg: &CheckConfig, stale: u64) -> Checked {
+        let words = [0u64, stale, 0, 0];
+        std::hint::black_box(&words);
+        let checked = check_in_handler(cfg);
+        std::hint::black_box(&words);
+        checked
+    }
+
+    #[test]
+    fn a_return_address_of_a_live_frame_blocks_by_the_complete_walk() {
+        let range = function_range(patched_caller_of_the_check as *const () as usize);
+        let cfg = config_for(range, Some(unwind::current()));
+        let checked = patched_caller_of_the_check(&cfg);
+        assert!(checked.walk_complete, "{checked:?}");
+        assert_eq!(checked.verdict, Verdict::Blocked(0));
+        assert_eq!(checked.scanned, Verdict::Blocked(0));
+    }
+
+    #[test]
+    fn a_stale_word_holds_nothing_after_a_complete_walk_though_the_scan_alone_blocks_on_it() {
+        let range = function_range(patched_stand_in as *const () as usize);
+        // The byte before the word is the stand-in's first: a call's return address to a scan.
+        let stale = range.0 + 1;
+        let cfg = config_for(range, Some(unwind::current()));
+        let checked = holder_of_a_stale_word(&cfg, stale);
+        assert!(checked.walk_complete, "{checked:?}");
+        assert_eq!(checked.scanned, Verdict::Blocked(0));
+        assert_eq!(checked.verdict, Verdict::Clean);
+
+        let without_unwinder = config_for(range, None);
+        let checked = holder_of_a_stale_word(&without_unwinder, stale);
+        assert_eq!(checked.verdict, Verdict::Blocked(0));
+        std::hint::black_box(patched_stand_in(1));
+    }
+
+    #[test]
+    fn an_incomplete_walk_falls_back_to_the_scan() {
+        let range = function_range(patched_stand_in as *const () as usize);
+        let cfg = config_for(range, Some(unwind::current()));
+        let words = [0u64, range.0 + 1, 0, 0];
+        std::hint::black_box(&words);
+        let sp = (&raw const words) as u64;
+        // No unwind table covers this PC: the walk stops at once, and the scan finds the word.
+        let checked = check(
+            &cfg,
+            WalkStart::Interrupted {
+                pc: 0x10,
+                sp,
+                bp: 0,
+            },
+        );
+        assert!(!checked.walk_complete);
+        assert_eq!(checked.verdict, Verdict::Blocked(0));
+        std::hint::black_box(&words);
+    }
+
+    /// Calls `callback(entry_sp, context)` where `entry_sp` is the stack pointer at this
+    /// function's entry, pointing to the return address into its caller: what the stub's slow
+    /// path passes to `switch_at_entry`.
+    #[unsafe(naked)]
+    extern "C" fn call_with_entry_sp(
+        context: *mut c_void,
+        callback: extern "C" fn(entry_sp: u64, context: *mut c_void),
+    ) {
+        core::arch::naked_asm!(
+            "mov rax, rsi",
+            "mov rsi, rdi",
+            "mov rdi, rsp",
+            // Realign the stack for the call (the entry leaves it 8 off 16).
+            "sub rsp, 8",
+            "call rax",
+            "add rsp, 8",
+            "ret",
+        )
+    }
+
+    /// The configuration to check with and the verdict, shared with `check_at_entry`.
+    type EntryCheck<'a> = (&'a CheckConfig, Option<Checked>);
+
+    extern "C" fn check_at_entry(entry_sp: u64, context: *mut c_void) {
+        // SAFETY: `holder_at_an_entry` passes a pointer to its live `EntryCheck`.
+        let (cfg, checked) = unsafe { &mut *context.cast::<EntryCheck<'_>>() };
+        *checked = Some(check(cfg, WalkStart::FunctionEntry { sp: entry_sp }));
+    }
+
+    /// Enters a function (`call_with_entry_sp`) while keeping a stale word, and checks its stack
+    /// from that entry.
+    #[inline(never)]
+    fn holder_at_an_entry(cfg: &CheckConfig, stale: u64) -> Checked {
+        let words = [0u64, stale, 0, 0];
+        std::hint::black_box(&words);
+        let mut entry: EntryCheck<'_> = (cfg, None);
+        call_with_entry_sp((&raw mut entry).cast(), check_at_entry);
+        std::hint::black_box(&words);
+        entry.1.expect("the callback ran")
+    }
+
+    /// A local the compiler must align beyond the ABI's 16 bytes: its function realigns the
+    /// stack and bases its frame on `rbp`.
+    #[repr(C, align(64))]
+    struct OverAligned([u64; 8]);
+
+    /// Calls `holder_at_an_entry` from a frame whose unwind rule needs `rbp`.
+    #[inline(never)]
+    fn frame_based_on_rbp(cfg: &CheckConfig, stale: u64) -> Checked {
+        let aligned = OverAligned([0; 8]);
+        std::hint::black_box(&aligned);
+        let checked = holder_at_an_entry(cfg, stale);
+        std::hint::black_box(&aligned);
+        checked
+    }
+
+    /// Runs `holder_at_an_entry` on a thread started by `pthread_create` itself, so that
+    /// between the entry and the thread's start there are only the frames of the test (the test
+    /// harness's frames differ between versions), with one based on `rbp` in between if asked.
+    /// The configuration is made on that thread, once its stack is mapped.
+    fn check_at_entry_on_a_plain_thread(range: (u64, u64), stale: u64, via_rbp: bool) -> Checked {
+        type Shared = ((u64, u64), u64, bool, Option<Checked>);
+        extern "C" fn run(argument: *mut c_void) -> *mut c_void {
+            // SAFETY: the spawning function passes its live `Shared` and joins this thread
+            // before that goes away.
+            let (range, stale, via_rbp, result) = unsafe { &mut *argument.cast::<Shared>() };
+            let cfg = config_for(*range, Some(unwind::current()));
+            *result = Some(if *via_rbp {
+                frame_based_on_rbp(&cfg, *stale)
+            } else {
+                holder_at_an_entry(&cfg, *stale)
+            });
+            std::ptr::null_mut()
+        }
+        let mut shared: Shared = (range, stale, via_rbp, None);
+        let mut thread: libc::pthread_t = 0;
+        // SAFETY: `run` has the start routine's signature; `shared` outlives the thread, which
+        // is joined below.
+        let created = unsafe {
+            libc::pthread_create(&mut thread, std::ptr::null(), run, (&raw mut shared).cast())
+        };
+        assert_eq!(created, 0);
+        // SAFETY: `thread` was created above and is joined once.
+        let joined = unsafe { libc::pthread_join(thread, std::ptr::null_mut()) };
+        assert_eq!(joined, 0);
+        shared.3.expect("the thread ran the check")
+    }
+
+    #[test]
+    fn at_a_function_entry_the_walk_starts_in_the_caller() {
+        // The caller of the entered function is on the stack: blocked.
+        let holder = function_range(holder_at_an_entry as *const () as usize);
+        let checked = check_at_entry_on_a_plain_thread(holder, 0, false);
+        assert!(checked.walk_complete, "{checked:?}");
+        assert_eq!(checked.verdict, Verdict::Blocked(0));
+
+        // Only a stale word points into the stand-in: clean by the walk, blocked by the scan.
+        let range = function_range(patched_stand_in as *const () as usize);
+        let checked = check_at_entry_on_a_plain_thread(range, range.0 + 1, false);
+        assert!(checked.walk_complete, "{checked:?}");
+        assert_eq!(checked.scanned, Verdict::Blocked(0));
+        assert_eq!(checked.verdict, Verdict::Clean);
+        std::hint::black_box(patched_stand_in(1));
+    }
+
+    #[test]
+    fn at_a_function_entry_a_frame_based_on_the_unknown_rbp_ends_the_walk() {
+        // The entry does not know `rbp`: the walk stops at the frame based on it, and the scan
+        // decides (and finds the stale word).
+        let range = function_range(patched_stand_in as *const () as usize);
+        let checked = check_at_entry_on_a_plain_thread(range, range.0 + 1, true);
+        assert!(!checked.walk_complete, "{checked:?}");
+        assert_eq!(checked.verdict, Verdict::Blocked(0));
+        std::hint::black_box(patched_stand_in(1));
+    }
 
     #[test]
     fn states_pack_into_one_byte() {

@@ -139,6 +139,12 @@ pub fn interrupted_sp(context: *mut libc::c_void) -> usize {
     register(context, libc::REG_RSP)
 }
 
+/// The frame pointer register (`rbp`) the thread was interrupted with; unwinders need it for
+/// the frames whose unwind rules compute their frame from it.
+pub fn interrupted_bp(context: *mut libc::c_void) -> usize {
+    register(context, libc::REG_RBP)
+}
+
 fn register(context: *mut libc::c_void, index: i32) -> usize {
     if context.is_null() {
         return 0;
