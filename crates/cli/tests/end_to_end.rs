@@ -3,55 +3,7 @@
 
 mod support;
 
-use support::{Target, cli, compile, stderr, stdout};
-
-/// A service with a main loop answering one command per line, and a worker thread that can be
-/// sent into a function it never leaves.
-const SERVICE: &str = r#"
-#include <pthread.h>
-#include <stdio.h>
-#include <string.h>
-volatile int release_worker;
-__attribute__((noinline, noipa)) int value(void) { return 1; }
-__attribute__((noinline, noipa)) void stuck(void) {
-    puts("worker: inside stuck");
-    while (!release_worker) __asm__ volatile("pause");
-    puts("worker: left stuck");
-}
-static void *worker(void *arg) { (void)arg; stuck(); return NULL; }
-int main(void) {
-    setvbuf(stdout, NULL, _IOLBF, 0);
-    char line[64];
-    pthread_t t;
-    puts("ready");
-    while (fgets(line, sizeof line, stdin)) {
-        if (!strncmp(line, "value", 5)) printf("value %d\n", value());
-        else if (!strncmp(line, "worker", 6)) { release_worker = 0; pthread_create(&t, NULL, worker, NULL); }
-        else if (!strncmp(line, "release", 7)) { release_worker = 1; pthread_join(t, NULL); puts("joined"); }
-    }
-    return 0;
-}
-"#;
-
-const PATCH_VALUE: &str = r#"
-#include <livepatch.h>
-#include <stdio.h>
-static int new_value(void) { return 2; }
-extern volatile int release_worker;
-static void new_stuck(void) {
-    puts("worker: inside new stuck");
-    while (!release_worker) __asm__ volatile("pause");
-    puts("worker: left new stuck");
-}
-static struct klp_func funcs[] = {
-    { .old_name = "value", .new_func = new_value },
-    { .old_name = "stuck", .new_func = new_stuck },
-    { }
-};
-static struct klp_object objs[] = { { .name = NULL, .funcs = funcs }, { } };
-static struct klp_patch patch = { .objs = objs };
-KLP_PATCH(patch);
-"#;
+use support::{BUSY_PATCH, BUSY_SERVICE, Target, cli, compile, stderr, stdout};
 
 const PATCH_MISSING: &str = r#"
 #include <livepatch.h>
@@ -68,8 +20,8 @@ KLP_PATCH(patch);
 
 #[test]
 fn a_patch_loads_switches_every_thread_and_unloads_with_the_kernel_log_lines() {
-    let program = compile("service_basic", SERVICE, false);
-    let patch = compile("livepatch-value", PATCH_VALUE, true);
+    let program = compile("service_basic", BUSY_SERVICE, false);
+    let patch = compile("livepatch-value", BUSY_PATCH, true);
     let mut target = Target::start(&program);
     let pid = target.pid();
     target.send("value");
@@ -113,8 +65,8 @@ fn a_patch_loads_switches_every_thread_and_unloads_with_the_kernel_log_lines() {
 
 #[test]
 fn a_thread_inside_a_patched_function_holds_the_transition_until_forced() {
-    let program = compile("service_busy", SERVICE, false);
-    let patch = compile("livepatch-busy", PATCH_VALUE, true);
+    let program = compile("service_busy", BUSY_SERVICE, false);
+    let patch = compile("livepatch-busy", BUSY_PATCH, true);
     let mut target = Target::start(&program);
     let pid = target.pid();
     target.send("worker");
@@ -176,7 +128,7 @@ fn a_thread_inside_a_patched_function_holds_the_transition_until_forced() {
 
 #[test]
 fn a_patch_naming_a_missing_function_is_refused_and_changes_nothing() {
-    let program = compile("service_refused", SERVICE, false);
+    let program = compile("service_refused", BUSY_SERVICE, false);
     let patch = compile("livepatch-missing", PATCH_MISSING, true);
     let mut target = Target::start(&program);
     let pid = target.pid();

@@ -9,7 +9,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use support::{Target, cli, compile, examples, status_json, stderr, stdout};
+use support::{BUSY_SERVICE, Target, cli, compile, examples, status_json, stderr, stdout};
 
 /// The agent's signals interrupt `poll()` (a handler runs, so it is not restarted), and the
 /// example programs then run one more iteration of their loop: an extra line, and for
@@ -355,33 +355,6 @@ fn a_cumulative_patch_replaces_every_patch_and_reverts_the_functions_it_does_not
     );
 }
 
-/// A service whose worker thread can be held inside `stuck()`, to keep a transition running.
-const SERVICE: &str = r#"
-#include <pthread.h>
-#include <stdio.h>
-#include <string.h>
-volatile int release_worker;
-__attribute__((noinline, noipa)) int value(void) { return 1; }
-__attribute__((noinline, noipa)) void stuck(void) {
-    puts("worker: inside stuck");
-    while (!release_worker) __asm__ volatile("pause");
-    puts("worker: left stuck");
-}
-static void *worker(void *arg) { (void)arg; stuck(); return NULL; }
-int main(void) {
-    setvbuf(stdout, NULL, _IOLBF, 0);
-    char line[64];
-    pthread_t t;
-    puts("ready");
-    while (fgets(line, sizeof line, stdin)) {
-        if (!strncmp(line, "value", 5)) printf("value %d\n", value());
-        else if (!strncmp(line, "worker", 6)) { release_worker = 0; pthread_create(&t, NULL, worker, NULL); }
-        else if (!strncmp(line, "release", 7)) { release_worker = 1; pthread_join(t, NULL); puts("joined"); }
-    }
-    return 0;
-}
-"#;
-
 fn value_patch(name: &str, value: i32) -> String {
     format!(
         r#"
@@ -414,7 +387,7 @@ KLP_PATCH(patch);
 /// once it completed.
 #[test]
 fn no_patch_is_enabled_or_disabled_while_another_patch_is_in_transition() {
-    let program = compile("service_busy", SERVICE, false);
+    let program = compile("service_busy", BUSY_SERVICE, false);
     let value_two = compile(
         "livepatch-value-two",
         &value_patch("livepatch_value_two", 2),

@@ -222,3 +222,52 @@ pub fn examples() -> &'static Path {
         out
     })
 }
+
+/// A service with a main loop answering one command per line, and a worker thread that can be
+/// sent into a function it never leaves.
+pub const BUSY_SERVICE: &str = r#"
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+volatile int release_worker;
+__attribute__((noinline, noipa)) int value(void) { return 1; }
+__attribute__((noinline, noipa)) void stuck(void) {
+    puts("worker: inside stuck");
+    while (!release_worker) __asm__ volatile("pause");
+    puts("worker: left stuck");
+}
+static void *worker(void *arg) { (void)arg; stuck(); return NULL; }
+int main(void) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    char line[64];
+    pthread_t t;
+    puts("ready");
+    while (fgets(line, sizeof line, stdin)) {
+        if (!strncmp(line, "value", 5)) printf("value %d\n", value());
+        else if (!strncmp(line, "worker", 6)) { release_worker = 0; pthread_create(&t, NULL, worker, NULL); }
+        else if (!strncmp(line, "release", 7)) { release_worker = 1; pthread_join(t, NULL); puts("joined"); }
+    }
+    return 0;
+}
+"#;
+
+/// Replaces `value` (1 becomes 2) and `stuck` of [`BUSY_SERVICE`] with versions that say so.
+pub const BUSY_PATCH: &str = r#"
+#include <livepatch.h>
+#include <stdio.h>
+static int new_value(void) { return 2; }
+extern volatile int release_worker;
+static void new_stuck(void) {
+    puts("worker: inside new stuck");
+    while (!release_worker) __asm__ volatile("pause");
+    puts("worker: left new stuck");
+}
+static struct klp_func funcs[] = {
+    { .old_name = "value", .new_func = new_value },
+    { .old_name = "stuck", .new_func = new_stuck },
+    { }
+};
+static struct klp_object objs[] = { { .name = NULL, .funcs = funcs }, { } };
+static struct klp_patch patch = { .objs = objs };
+KLP_PATCH(patch);
+"#;
