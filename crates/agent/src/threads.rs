@@ -423,6 +423,9 @@ pub struct CheckConfig {
 static CONFIG: AtomicPtr<CheckConfig> = AtomicPtr::new(std::ptr::null_mut());
 static IN_FLIGHT: AtomicU32 = AtomicU32::new(0);
 static ACKS: AtomicU32 = AtomicU32::new(0);
+/// How many answers the round waits for, once every signal is sent (`u32::MAX` before): the
+/// answer that completes the count wakes the control thread, the others do not.
+static EXPECTED_ACKS: AtomicU32 = AtomicU32::new(u32::MAX);
 static ROUND: AtomicU64 = AtomicU64::new(0);
 
 const RESULT_SWITCHED: u8 = 1;
@@ -649,8 +652,10 @@ unsafe fn answer(cfg: &CheckConfig, ctx: *mut c_void) {
     rec.result_kind.store(kind, Ordering::Relaxed);
     rec.result_index.store(index, Ordering::Relaxed);
     rec.answered.store(cfg.round, Ordering::Release);
-    ACKS.fetch_add(1, Ordering::SeqCst);
-    signals::futex_wake(&ACKS);
+    let acks = ACKS.fetch_add(1, Ordering::SeqCst) + 1;
+    if acks >= EXPECTED_ACKS.load(Ordering::SeqCst) {
+        signals::futex_wake(&ACKS);
+    }
 }
 
 /// What a check round needs besides the threads.
@@ -707,6 +712,7 @@ pub fn check_round(
     });
     let cfg_ptr = Box::into_raw(cfg);
     ACKS.store(0, Ordering::SeqCst);
+    EXPECTED_ACKS.store(u32::MAX, Ordering::SeqCst);
     CONFIG.store(cfg_ptr, Ordering::SeqCst);
 
     let me = gettid();
@@ -737,6 +743,7 @@ pub fn check_round(
         }
     }
 
+    EXPECTED_ACKS.store(sent, Ordering::SeqCst);
     let start = Instant::now();
     loop {
         let acks = ACKS.load(Ordering::SeqCst);

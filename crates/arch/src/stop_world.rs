@@ -18,6 +18,9 @@ pub const MAX_THREADS: usize = 16384;
 /// How long the writer waits for every thread to park before it gives up.
 const PARK_DEADLINE: Duration = Duration::from_secs(2);
 
+/// How often the missing threads are examined (exited, or blocking the signal) while waiting.
+const SWEEP_PERIOD: Duration = Duration::from_millis(20);
+
 /// How long a thread may block the stop signal before we call it deliberate.
 const BLOCKED_GRACE: Duration = Duration::from_millis(100);
 
@@ -116,8 +119,12 @@ extern "C" fn on_stop_signal(
     if record.arrived.swap(true, Ordering::AcqRel) {
         return;
     }
-    ARRIVED.fetch_add(1, Ordering::Release);
-    crate::signals::futex_wake(&ARRIVED);
+    // Only the last thread to arrive wakes the writer: 10,000 wake-ups would cost more than
+    // the parking itself. The writer also wakes by itself every few milliseconds.
+    let arrived = ARRIVED.fetch_add(1, Ordering::AcqRel) + 1;
+    if arrived as usize >= LISTED.load(Ordering::Acquire) {
+        crate::signals::futex_wake(&ARRIVED);
+    }
     while RELEASE.load(Ordering::Acquire) == generation {
         crate::signals::futex_wait(&RELEASE, generation, None);
     }
@@ -210,6 +217,7 @@ pub fn stop() -> Result<StoppedWorld, RedirectError> {
             // have created a thread this pass missed.
             return Ok(world);
         }
+        let mut next_sweep = Instant::now() + SWEEP_PERIOD;
         loop {
             let arrived = ARRIVED.load(Ordering::Acquire);
             if arrived as usize >= LISTED.load(Ordering::Acquire) {
@@ -229,6 +237,13 @@ pub fn stop() -> Result<StoppedWorld, RedirectError> {
             }
             let wait = (deadline - now).min(Duration::from_millis(10));
             crate::signals::futex_wait(&ARRIVED, arrived, Some(wait));
+            // Every arrival wakes us; looking at every missing thread each time would make
+            // parking 10,000 threads quadratic, so the missing ones are examined periodically.
+            let now = Instant::now();
+            if now < next_sweep {
+                continue;
+            }
+            next_sweep = now + SWEEP_PERIOD;
             // Threads block every signal for a moment while they start and exit; one that
             // still blocks ours after a while does so on purpose and cannot be parked.
             if now - started > BLOCKED_GRACE
