@@ -2,7 +2,8 @@
 //!
 //! One function per line, named after what it reports; the level is the
 //! kernel's (`pr_notice`, `pr_warn`, `pr_err`, `pr_debug`). Each line carries
-//! the `livepatch: ` prefix that the kernel adds through `pr_fmt`. See
+//! the `livepatch: ` prefix that the kernel adds through `pr_fmt`, except the
+//! message of a `WARN()`, which `pr_fmt` does not reach. See
 //! reference/kernel-livepatch.md §6 for the catalogue these follow.
 
 use std::fmt;
@@ -44,7 +45,8 @@ impl Level {
 pub struct LogRecord {
     /// The printk level.
     pub level: Level,
-    /// The full text, `livepatch: ` prefix included, without a newline.
+    /// The full text, with the `livepatch: ` prefix where the kernel prints one, without a
+    /// newline.
     pub text: String,
     /// Whether this is one of the per-thread lines of `klp_try_switch_task`,
     /// which the kernel selftests switch off with dynamic debug.
@@ -278,11 +280,13 @@ pub(crate) fn shadow_construct_failed(obj: usize, id: u64, err: i32) -> LogRecor
         format_args!("Failed to construct shadow variable <{obj:#x}, {id:x}> ({err})"),
     )
 }
+/// Printed by `WARN()`, which does not apply `pr_fmt`: the line has no `livepatch: ` prefix.
 pub(crate) fn shadow_duplicate(obj: usize, id: u64) -> LogRecord {
-    line(
-        Level::Warn,
-        format_args!("Duplicate shadow variable <{obj:#x}, {id:x}>"),
-    )
+    LogRecord {
+        level: Level::Warn,
+        text: format!("Duplicate shadow variable <{obj:#x}, {id:x}>"),
+        per_thread: false,
+    }
 }
 
 /// A `WARN_ON_ONCE` of the kernel: an impossible state was observed. It is

@@ -316,10 +316,7 @@ fn duplicate_shadow_alloc_warns_and_returns_null() {
 
     let records = records.lock().unwrap();
     let texts: Vec<&str> = records.iter().map(|r| r.text.as_str()).collect();
-    assert_eq!(
-        texts,
-        vec!["livepatch: Duplicate shadow variable <0x1000, 1234>"]
-    );
+    assert_eq!(texts, vec!["Duplicate shadow variable <0x1000, 1234>"]);
     assert_eq!(records[0].level, livepatch_core::Level::Warn);
 
     // get_or_alloc of the same pair is not a duplicate: it returns it.
