@@ -27,8 +27,17 @@ fn setup() -> MutexGuard<'static, ()> {
 static DECISION: AtomicUsize = AtomicUsize::new(0);
 static DECISIONS_ASKED: AtomicUsize = AtomicUsize::new(0);
 
-extern "C" fn decide(_cookie: u64, _entry_sp: usize) -> usize {
+/// The word at the entry stack pointer of the last decision: the return address into the
+/// caller, if the slow path passes the right stack pointer.
+static LAST_ENTRY_WORD: AtomicUsize = AtomicUsize::new(0);
+static LAST_ENTRY_SP: AtomicUsize = AtomicUsize::new(0);
+
+extern "C" fn decide(_cookie: u64, entry_sp: usize) -> usize {
     DECISIONS_ASKED.fetch_add(1, Ordering::Relaxed);
+    LAST_ENTRY_SP.store(entry_sp, Ordering::Relaxed);
+    // SAFETY: the slow path passes the calling thread's stack pointer at the function's entry,
+    // which points at the caller's return address on this very stack.
+    LAST_ENTRY_WORD.store(unsafe { *(entry_sp as *const usize) }, Ordering::Relaxed);
     DECISION.load(Ordering::Relaxed)
 }
 
@@ -560,4 +569,48 @@ fn a_thread_blocking_the_stop_signal_is_refused_not_overrun() {
     blocker.join().unwrap();
     redirect::redirect(&[lib.spec("answer")]).unwrap();
     redirect::restore(&[answer]).unwrap();
+}
+
+const CALLER_AND_CALLEE: &str = r#"
+__attribute__((noinline, noipa)) int callee(int x) { return x * 3 + 1; }
+__attribute__((noinline, noipa)) int caller(int x) { return callee(x) + 1000; }
+"#;
+
+#[test]
+fn the_decider_gets_the_stack_pointer_at_the_function_entry() {
+    let _serial = setup();
+    for (name, flags) in [
+        ("entry_sp_plain", &[][..]),
+        (
+            "entry_sp_patchable",
+            &["-fpatchable-function-entry=16,14"][..],
+        ),
+    ] {
+        let lib = library(name, "cc", CALLER_AND_CALLEE, flags);
+        type Unary = extern "C" fn(i32) -> i32;
+        // SAFETY: `caller` has this C signature.
+        let caller: Unary = unsafe { std::mem::transmute::<usize, Unary>(lib.symbol("caller")) };
+        redirect::redirect(&[lib.spec("callee")]).unwrap();
+        redirect::set_dispatch(lib.symbol("callee"), Dispatch::Decide).unwrap();
+        DECISION.store(0, Ordering::Relaxed);
+        assert_eq!(caller(2), 1007);
+        let table = SymbolTable::read(&lib.path).unwrap();
+        let bias = objects::loaded_objects()
+            .into_iter()
+            .find(|o| o.path.as_deref() == Some(lib.path.as_path()))
+            .expect("the library is in the link map")
+            .bias;
+        let word = LAST_ENTRY_WORD.load(Ordering::Relaxed);
+        let (function, offset) = table
+            .containing((word - bias) as u64)
+            .unwrap_or_else(|| panic!("{name}: {word:#x} is in no function"));
+        assert_eq!(function.name, "caller", "{name}: the word at the entry SP");
+        assert!(offset > 0, "{name}: a return address lies after the call");
+        assert_eq!(
+            LAST_ENTRY_SP.load(Ordering::Relaxed) % 16,
+            8,
+            "{name}: at a function's entry the stack is 8 past a 16-byte boundary"
+        );
+        redirect::restore(&[lib.symbol("callee")]).unwrap();
+    }
 }
