@@ -485,7 +485,7 @@ impl Platform for ProcessPlatform {
             return Ok(());
         }
         let maps = self.memory_maps()?;
-        redirect::check_in(
+        redirect::check(
             &SiteSpec {
                 name: func_name,
                 address: location.addr as usize,

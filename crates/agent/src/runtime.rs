@@ -237,11 +237,11 @@ impl Inner {
             self.platform.object_gone(&name);
         }
         let mut refused = None;
+        let active = self.active_patch_names();
         for name in new {
             if name == livepatch_core::MAIN_OBJECT_NAME {
                 continue;
             }
-            let active = self.active_patch_names();
             if let Err(e) = self.platform.check_coming_build_id(&name, &active) {
                 refused = Some(e);
                 continue;

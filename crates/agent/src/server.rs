@@ -110,15 +110,7 @@ pub fn serve(agent: &'static Agent, listener: UnixListener) {
             }
         }
         agent.run_work();
-        let mut closed = Vec::new();
-        for (i, conn) in conns.iter_mut().enumerate() {
-            if !answer_wait(agent, conn) {
-                closed.push(i);
-            }
-        }
-        for i in closed.into_iter().rev() {
-            conns.remove(i);
-        }
+        conns.retain_mut(|conn| answer_wait(agent, conn));
     }
 }
 

@@ -341,11 +341,7 @@ pub fn update_patch_state() {
 /// stack above `entry_sp` (its callers) holds nothing in transition takes the target state.
 /// Only while a check round publishes the ranges; the round's signal finds it switched.
 pub fn switch_at_entry(entry_sp: u64) {
-    IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
-    let cfg = CONFIG.load(Ordering::SeqCst);
-    if !cfg.is_null() {
-        // SAFETY: a published configuration stays valid while IN_FLIGHT counts us (rule 3).
-        let cfg = unsafe { &*cfg };
+    with_published_config(|cfg| {
         if let Some(rec) = record(gettid())
             && rec.state.load(Ordering::SeqCst) == cfg.from
             && !on_alt_stack()
@@ -359,6 +355,17 @@ pub fn switch_at_entry(entry_sp: u64) {
                 rec.state
                     .compare_exchange(cfg.from, cfg.to, Ordering::SeqCst, Ordering::SeqCst);
         }
+    });
+}
+
+/// Runs `f` with the configuration of the round in progress, if one is published, counted in
+/// `IN_FLIGHT` for the whole call so the control thread does not free it meanwhile (rule 3).
+fn with_published_config(f: impl FnOnce(&CheckConfig)) {
+    IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
+    let cfg = CONFIG.load(Ordering::SeqCst);
+    if !cfg.is_null() {
+        // SAFETY: a published configuration stays valid while IN_FLIGHT counts us (rule 3).
+        f(unsafe { &*cfg });
     }
     IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
 }
@@ -596,16 +603,8 @@ fn on_alt_stack() -> bool {
 /// # Safety
 /// `ctx` is the `ucontext_t` the kernel passed to a SA_SIGINFO handler.
 pub unsafe fn handle_check_signal(ctx: *mut c_void) {
-    IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
-    let cfg = CONFIG.load(Ordering::SeqCst);
-    if !cfg.is_null() {
-        // SAFETY: a published configuration stays valid while IN_FLIGHT
-        // counts us (rule 3).
-        let cfg = unsafe { &*cfg };
-        // SAFETY: the caller passes the handler's ucontext.
-        unsafe { answer(cfg, ctx) };
-    }
-    IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+    // SAFETY: the caller passes the handler's ucontext.
+    with_published_config(|cfg| unsafe { answer(cfg, ctx) });
 }
 
 /// # Safety

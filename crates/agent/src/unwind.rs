@@ -563,12 +563,8 @@ unsafe extern "C" fn scan_object(
     // SAFETY: `data` is the `&mut LinkMapScan` that `current` passes, and `info` a record the
     // dynamic linker keeps valid during this call.
     let (scan, info) = unsafe { (&mut *data.cast::<LinkMapScan<'_>>(), &*info) };
-    let headers: &[libc::Elf64_Phdr] = if info.dlpi_phdr.is_null() {
-        &[]
-    } else {
-        // SAFETY: the linker guarantees dlpi_phnum program headers at dlpi_phdr.
-        unsafe { std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)) }
-    };
+    // SAFETY: `info` is the linker's record for this call.
+    let headers = unsafe { livepatch_arch::objects::program_headers(info) };
     let bias = info.dlpi_addr;
     let loaded = |address: u64, len: u64| {
         headers.iter().any(|h| {

@@ -59,6 +59,19 @@ pub fn loaded_objects() -> Vec<LoadedObject> {
     objects
 }
 
+/// The program headers of a `dl_iterate_phdr` record.
+///
+/// # Safety
+/// `info` is a record the dynamic linker passed to a `dl_iterate_phdr` callback that is still
+/// running; the headers are valid as long as the record.
+pub unsafe fn program_headers(info: &libc::dl_phdr_info) -> &[libc::Elf64_Phdr] {
+    if info.dlpi_phdr.is_null() {
+        return &[];
+    }
+    // SAFETY: the linker guarantees dlpi_phnum program headers at dlpi_phdr.
+    unsafe { std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)) }
+}
+
 unsafe extern "C" fn collect(
     info: *mut libc::dl_phdr_info,
     _size: libc::size_t,
@@ -77,12 +90,8 @@ unsafe extern "C" fn collect(
     };
     let is_main = objects.is_empty();
     let bias = info.dlpi_addr as usize;
-    let headers: &[libc::Elf64_Phdr] = if info.dlpi_phdr.is_null() {
-        &[]
-    } else {
-        // SAFETY: the linker guarantees dlpi_phnum program headers at dlpi_phdr.
-        unsafe { std::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize) }
-    };
+    // SAFETY: `info` is the linker's record for this call.
+    let headers = unsafe { program_headers(info) };
     let mut build_id = None;
     let mut code_ranges = Vec::new();
     for header in headers {

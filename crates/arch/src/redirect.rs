@@ -114,17 +114,9 @@ fn sites() -> std::sync::MutexGuard<'static, BTreeMap<usize, SiteRecord>> {
     SITES.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Checks, without changing anything, that the function can be redirected, and how.
-pub fn check(spec: &SiteSpec<'_>) -> Result<&'static str, RedirectError> {
-    let maps = maps::read().map_err(|e| RedirectError::Memory(e.to_string()))?;
-    check_in(spec, &maps)
-}
-
-/// [`check`] against a memory map the caller read, for checking many functions at once.
-pub fn check_in(
-    spec: &SiteSpec<'_>,
-    maps: &[maps::Mapping],
-) -> Result<&'static str, RedirectError> {
+/// Checks, without changing anything, that the function can be redirected, and how, against a
+/// memory map the caller read (`maps::read`), so that many functions share one read.
+pub fn check(spec: &SiteSpec<'_>, maps: &[maps::Mapping]) -> Result<&'static str, RedirectError> {
     if let Some(record) = sites().get(&spec.address) {
         if record.active {
             return Err(already(spec));
