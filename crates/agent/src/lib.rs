@@ -2,39 +2,75 @@
 //! libraries through the x86-64 layer (`livepatch-arch`), and serves the `livepatch` command on
 //! a Unix socket.
 //!
-//! - [`runtime`]: the agent, its commands, loading and unloading patch libraries.
-//! - [`platform`]: the core's platform trait implemented on this process.
-//! - [`threads`]: per-thread records and the signal-driven stack checks.
-//! - [`unwind`]: precise stack walks over the loaded objects' unwind tables, for those checks.
-//! - [`abi`] / [`capi`]: the C ABI of `livepatch.h`, both directions.
-//! - [`loader`]: `dlopen`/`dlclose`/`pthread_create` interposition.
-//! - [`server`], [`log`]: the control socket and the log ring.
+//! Data flows one way: a request on the control socket ([`control`]) or a library the program
+//! loads ([`notifier`]) reaches the [`agent::Agent`], which runs the core under its lock; the
+//! core acts through the [`platform`], which hands each job to the module that owns it:
 //!
-//! Loaded with `LD_PRELOAD` (see `livepatch run`), the agent starts itself; a Rust program that
-//! links it calls [`start`].
+//! - [`library`]: patch libraries (`insmod`, `rmmod`) and their registry.
+//! - [`objects`]: the process's objects, symbols and build ids.
+//! - [`sites`]: what each redirected function's stub dispatches on, and its decision.
+//! - [`threads`]: per-thread records and states; [`check`]: the signal-driven stack checks
+//!   that switch threads.
+//! - [`callbacks`]: running a patch's callbacks; [`shadow`]: shadow variables; [`log`]: the
+//!   log ring.
+//! - [`ffi`]: the C edge: the descriptor of `livepatch.h`, the functions it exports, the
+//!   interposed `dlopen`/`dlclose`/`dlerror`/`pthread_create`, the dynamic linker.
+//!
+//! Loaded with `LD_PRELOAD` (see `livepatch run`), the agent starts itself before `main`; a
+//! Rust program that links it calls [`start`]. The one [`agent::Agent`] of the process lives
+//! here; only the C edge looks it up, everything else is passed it.
 
-pub mod abi;
-pub mod capi;
-pub mod loader;
+pub mod agent;
+pub mod callbacks;
+pub mod check;
+pub mod control;
+pub mod ffi;
+pub mod library;
 pub mod log;
+pub mod notifier;
+pub mod objects;
 pub mod platform;
-pub mod runtime;
-pub mod server;
+pub mod shadow;
+pub mod sites;
 pub mod threads;
-pub mod unwind;
 
-pub use runtime::{StartError, start};
+use std::sync::OnceLock;
 
-/// Starts the agent when this library was preloaded, before `main` runs.
-extern "C" fn start_when_preloaded() {
-    loader::resolve_next_definitions();
-    let preloaded = std::env::var_os("LD_PRELOAD")
-        .is_some_and(|v| v.to_string_lossy().contains("liblivepatch_agent"));
-    if preloaded && let Err(e) = start() {
-        eprintln!("livepatch: agent not started: {e}");
+pub use agent::{Agent, StartError};
+
+static AGENT: OnceLock<Agent> = OnceLock::new();
+
+/// The agent, if it started. For the C edge only ([`ffi`]): C calls it without an agent in
+/// hand; all other code is passed the agent.
+pub(crate) fn agent() -> Option<&'static Agent> {
+    AGENT.get()
+}
+
+/// Starts the agent once per process: installs the check signal, creates the control socket
+/// and starts the control thread. Later calls return at once, with the first call's result.
+pub fn start() -> Result<(), StartError> {
+    static STARTED: OnceLock<Result<(), String>> = OnceLock::new();
+    let r = STARTED.get_or_init(|| start_once().map_err(|e| e.to_string()));
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) => Err(StartError::Earlier(e.clone())),
     }
 }
 
-#[used]
-#[unsafe(link_section = ".init_array")]
-static START_WHEN_PRELOADED: extern "C" fn() = start_when_preloaded;
+fn start_once() -> Result<(), StartError> {
+    ffi::dl::resolve_next_definitions();
+    let agent = Agent::new()?;
+    let (listener, path) = control::server::bind(agent.pid()).map_err(StartError::Socket)?;
+    let agent = AGENT.get_or_init(|| agent);
+    ffi::process::remove_at_exit(&path);
+    let own_signals = {
+        let state = agent.lock();
+        let check = state.platform.check_signal;
+        [check, check + 1]
+    };
+    ffi::process::spawn_without_signals("livepatch", &own_signals, move || {
+        control::server::serve(agent, listener)
+    })
+    .map_err(StartError::Thread)?;
+    Ok(())
+}

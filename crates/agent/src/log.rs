@@ -7,8 +7,27 @@ use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::Mutex;
 
-use livepatch_core::LogRecord;
+use livepatch_core::{Level, LogRecord};
 use livepatch_protocol::LogLine;
+
+/// Who wrote a line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    /// The core or the agent, at a printk level.
+    Livepatch(Level),
+    /// Patch code, through `klp_log`.
+    Patch,
+}
+
+impl Source {
+    /// The level the protocol shows: the printk level's name, or "patch".
+    fn name(self) -> &'static str {
+        match self {
+            Source::Livepatch(level) => level.as_str(),
+            Source::Patch => "patch",
+        }
+    }
+}
 
 /// How many lines the ring keeps.
 const CAPACITY: usize = 16 * 1024;
@@ -46,20 +65,25 @@ impl AgentLog {
     /// `klp_try_switch_task` go to the ring only, as the kernel selftests
     /// switch them off.
     pub fn core(&self, record: &LogRecord) {
-        self.push(record.level.as_str(), &record.text, !record.per_thread);
+        self.push(
+            Source::Livepatch(record.level),
+            &record.text,
+            !record.per_thread,
+        );
     }
 
     /// Appends a line written by patch code (`klp_log`).
     pub fn patch_line(&self, text: &str) {
-        self.push("patch", text, true);
+        self.push(Source::Patch, text, true);
     }
 
-    /// Appends a line of the agent itself.
-    pub fn agent(&self, level: &str, text: &str) {
-        self.push(level, text, true);
+    /// Appends a line of the agent itself, with the `livepatch: ` prefix of the core's lines.
+    pub fn agent(&self, level: Level, text: std::fmt::Arguments<'_>) {
+        let line = format!("{}{text}", livepatch_core::log::PREFIX);
+        self.push(Source::Livepatch(level), &line, true);
     }
 
-    fn push(&self, level: &str, text: &str, echo: bool) {
+    fn push(&self, source: Source, text: &str, echo: bool) {
         let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         let seq = ring.next_seq;
         ring.next_seq += 1;
@@ -68,7 +92,7 @@ impl AgentLog {
         }
         ring.lines.push_back(LogLine {
             seq,
-            level: level.to_string(),
+            level: source.name().to_string(),
             text: text.to_string(),
         });
         // Written under the ring's lock so that lines reach stderr in
@@ -106,11 +130,13 @@ mod tests {
             to_stderr: false,
         };
         log.patch_line("a");
-        log.agent("notice", "b");
+        log.agent(Level::Notice, format_args!("b"));
         let all = log.since(0);
         assert_eq!(all.len(), 2);
         assert_eq!(all[1].seq, 2);
-        assert_eq!(log.since(1)[0].text, "b");
+        assert_eq!(all[0].level, "patch");
+        assert_eq!(all[1].level, "notice");
+        assert_eq!(log.since(1)[0].text, "livepatch: b");
         assert!(log.since(2).is_empty());
     }
 }

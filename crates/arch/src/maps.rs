@@ -48,6 +48,31 @@ pub fn find(maps: &[Mapping], address: usize) -> Option<&Mapping> {
     maps[..after].last().filter(|m| address < m.end)
 }
 
+/// Whether every byte of `[start, start + len)` lies in mappings with all of `prot`.
+pub fn has_protection(maps: &[Mapping], start: usize, len: usize, prot: i32) -> bool {
+    let Some(end) = start.checked_add(len) else {
+        return false;
+    };
+    let mut at = start;
+    while at < end {
+        match find(maps, at) {
+            Some(m) if m.prot & prot == prot => at = m.end,
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Whether every byte of `[start, start + len)` is mapped readable.
+pub fn is_readable(maps: &[Mapping], start: usize, len: usize) -> bool {
+    has_protection(maps, start, len, libc::PROT_READ)
+}
+
+/// Whether every byte of `[start, start + len)` is mapped readable and executable.
+pub fn is_readable_code(maps: &[Mapping], start: usize, len: usize) -> bool {
+    has_protection(maps, start, len, libc::PROT_READ | libc::PROT_EXEC)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

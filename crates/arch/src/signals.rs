@@ -1,37 +1,70 @@
 //! Async-signal-safe building blocks: raw system calls, futexes, the interrupted PC, and thread
 //! listing without allocation. Shared with the agent's own per-thread check signal.
+//!
+//! Safety model of this module: every function here may run in a signal handler or while
+//! other threads are parked (allocating nothing, taking no lock), except [`install_handler`];
+//! pointers come from the kernel (a handler's `siginfo_t` and `ucontext_t`) or are our own
+//! locals, and are only read as the kernel lays them out.
 
 use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
-use crate::RedirectError;
-
 /// A three-argument `SA_SIGINFO` handler.
 pub type SignalHandler = extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void);
 
+/// Why a signal handler could not be installed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignalError {
+    /// Only real-time signals are used.
+    #[error("signal {signal} is not a real-time signal ({min}..={max})")]
+    NotRealTime {
+        /// The signal.
+        signal: i32,
+        /// `SIGRTMIN`.
+        min: i32,
+        /// `SIGRTMAX`.
+        max: i32,
+    },
+    /// The program handles the signal itself.
+    #[error(
+        "signal {0} already has a handler in this program; choose another with LIVEPATCH_SIGNAL"
+    )]
+    Taken(i32),
+    /// `sigaction` failed (its errno).
+    #[error("sigaction for signal {signal} failed: {}", std::io::Error::from_raw_os_error(*.errno))]
+    Sigaction {
+        /// The signal.
+        signal: i32,
+        /// The errno.
+        errno: i32,
+    },
+}
+
+fn last_errno() -> i32 {
+    errno()
+}
+
 /// Installs `handler` for `signal` with every signal blocked while it runs. Refuses when the
 /// program already has a handler there: we never replace the program's own handlers.
-pub fn install_handler(signal: i32, handler: SignalHandler) -> Result<(), RedirectError> {
+pub fn install_handler(signal: i32, handler: SignalHandler) -> Result<(), SignalError> {
     if signal < libc::SIGRTMIN() || signal > libc::SIGRTMAX() {
-        return Err(RedirectError::Signal(format!(
-            "signal {signal} is not a real-time signal ({}..={})",
-            libc::SIGRTMIN(),
-            libc::SIGRTMAX()
-        )));
+        return Err(SignalError::NotRealTime {
+            signal,
+            min: libc::SIGRTMIN(),
+            max: libc::SIGRTMAX(),
+        });
     }
     // SAFETY: sigaction is plain data; zeroed is a valid "no handler, empty mask" value.
     let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
     // SAFETY: querying the current action with a null new action changes nothing.
     if unsafe { libc::sigaction(signal, std::ptr::null(), &mut old) } != 0 {
-        return Err(RedirectError::Signal(format!(
-            "cannot query signal {signal}: {}",
-            std::io::Error::last_os_error()
-        )));
+        return Err(SignalError::Sigaction {
+            signal,
+            errno: last_errno(),
+        });
     }
     if old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != handler as usize {
-        return Err(RedirectError::Signal(format!(
-            "signal {signal} already has a handler in this program; choose another with LIVEPATCH_SIGNAL"
-        )));
+        return Err(SignalError::Taken(signal));
     }
     // SAFETY: as above, zeroed is a valid starting value.
     let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
@@ -41,12 +74,18 @@ pub fn install_handler(signal: i32, handler: SignalHandler) -> Result<(), Redire
     unsafe { libc::sigfillset(&mut action.sa_mask) };
     // SAFETY: `handler` is an extern "C" SA_SIGINFO handler that lives for the whole program.
     if unsafe { libc::sigaction(signal, &action, std::ptr::null_mut()) } != 0 {
-        return Err(RedirectError::Signal(format!(
-            "cannot install a handler for signal {signal}: {}",
-            std::io::Error::last_os_error()
-        )));
+        return Err(SignalError::Sigaction {
+            signal,
+            errno: last_errno(),
+        });
     }
     Ok(())
+}
+
+/// This process's id, from the kernel (no cache that a `fork` could leave stale).
+pub fn getpid() -> i32 {
+    // SAFETY: getpid has no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_getpid) as i32 }
 }
 
 /// The calling thread's id.
@@ -90,19 +129,34 @@ pub fn tgkill_with_value(pid: i32, tid: i32, signal: i32, value: usize) -> bool 
     }
 }
 
-/// The `si_value` a handler received (see [`tgkill_with_value`]); 0 for other senders' signals
-/// (which carry no value).
+/// The `si_value` a handler received from [`tgkill_with_value`] of this very process; `None`
+/// for any other sender (another process, `kill`, the kernel), whose signals carry nothing for
+/// us.
 ///
 /// # Safety
-/// `info` is the siginfo the kernel passed to an `SA_SIGINFO` handler.
-pub unsafe fn signal_value(info: *const libc::siginfo_t) -> Option<usize> {
+/// `info` is the non-null siginfo the kernel passed to an `SA_SIGINFO` handler.
+pub unsafe fn queued_value(info: *const libc::siginfo_t) -> Option<usize> {
     // SAFETY: the caller passes the kernel's siginfo.
     let code = unsafe { (*info).si_code };
     if code != libc::SI_QUEUE {
         return None;
     }
     // SAFETY: for SI_QUEUE the kernel filled the fields `QueuedSigInfo` mirrors.
-    Some(unsafe { (*info.cast::<QueuedSigInfo>()).value })
+    let queued = unsafe { &*info.cast::<QueuedSigInfo>() };
+    (queued.pid == getpid()).then_some(queued.value)
+}
+
+/// Whether a signal was sent with [`tgkill`] by a thread of this process (`SI_TKILL` from our
+/// own pid), as the agent's checks are; a handler ignores the signal otherwise.
+///
+/// # Safety
+/// `info` is the non-null siginfo the kernel passed to an `SA_SIGINFO` handler.
+pub unsafe fn sent_by_this_process_with_tgkill(info: *const libc::siginfo_t) -> bool {
+    // SAFETY: the caller passes the kernel's siginfo.
+    let code = unsafe { (*info).si_code };
+    // SAFETY: for SI_TKILL the kernel fills the sender's pid and uid where `QueuedSigInfo` has
+    // them (the `_kill` member shares the layout's head with `_rt`).
+    code == libc::SI_TKILL && unsafe { (*info.cast::<QueuedSigInfo>()).pid } == getpid()
 }
 
 /// The head of the kernel's x86-64 siginfo for signals queued by a process (`_rt` member).
@@ -170,15 +224,16 @@ pub fn register_sync_core() -> bool {
 }
 
 /// Makes every thread execute a serializing instruction before it runs user code again, so no
-/// core keeps a stale decoded copy of rewritten code. Harmless when unregistered (it then fails).
-pub fn sync_core() {
+/// core keeps a stale decoded copy of rewritten code. False when the kernel did it not (no
+/// registration: kernels before 4.16); the caller serializes otherwise.
+pub fn sync_core() -> bool {
     // SAFETY: as in `register_sync_core`.
     unsafe {
         libc::syscall(
             libc::SYS_membarrier,
             MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE,
             0,
-        );
+        ) == 0
     }
 }
 

@@ -5,12 +5,57 @@
 //! in the middle of. Threads are listed with raw `getdents64` and their records live in a static
 //! table found by thread id, so nothing here allocates or locks once the first thread is parked
 //! (a parked thread may hold the allocator's lock).
+//!
+//! Safety model of this module:
+//! 1. The handler acts only on a signal this process queued with the index of the receiving
+//!    thread's own record (`SI_QUEUE`, our pid, a record whose tid is the caller's); any other
+//!    delivery of the signal returns at once.
+//! 2. The handler makes only async-signal-safe system calls (gettid, getpid, futex), saves and
+//!    restores `errno`, and touches only the static table.
+//! 3. One writer at a time (`WRITER`): records change only between stops, or by the thread a
+//!    record belongs to.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::RedirectError;
+/// Why the world could not be stopped. Nothing was changed when one is returned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StopError {
+    /// The stop signal is not installed.
+    #[error("no stop signal installed (install_stop_signal was not called)")]
+    NotInstalled,
+    /// A thread blocks the stop signal, so it cannot be parked for a code write.
+    #[error("thread {tid} blocks signal {signal}; code cannot be changed safely while it runs")]
+    SignalBlocked {
+        /// The thread.
+        tid: i32,
+        /// The signal.
+        signal: i32,
+    },
+    /// A thread did not park in time (stopped by a debugger, or blocked the signal meanwhile).
+    #[error("thread {tid} did not stop within {waited:?}; code was not changed")]
+    ThreadDidNotStop {
+        /// The thread.
+        tid: i32,
+        /// How long we waited.
+        waited: Duration,
+    },
+    /// The process has more threads than the stop table holds.
+    #[error("more than {0} threads; cannot stop them all")]
+    TooManyThreads(usize),
+    /// Another stop signal is installed already.
+    #[error("the stop signal is already {current}, cannot switch to {wanted}")]
+    OtherSignal {
+        /// The one installed.
+        current: i32,
+        /// The one asked for.
+        wanted: i32,
+    },
+    /// The handler could not be installed.
+    #[error(transparent)]
+    Install(#[from] crate::signals::SignalError),
+}
 
 /// Most threads a process may have while it is stopped.
 pub const MAX_THREADS: usize = 16384;
@@ -70,15 +115,16 @@ static SIGNAL: AtomicI32 = AtomicI32::new(0);
 static WRITER: Mutex<()> = Mutex::new(());
 
 /// Installs the handler for `signal`. Refuses when the program already handles that signal.
-pub fn install(signal: i32) -> Result<(), RedirectError> {
+pub fn install(signal: i32) -> Result<(), StopError> {
     let current = SIGNAL.load(Ordering::Acquire);
     if current == signal {
         return Ok(());
     }
     if current != 0 {
-        return Err(RedirectError::Signal(format!(
-            "the stop signal is already {current}, cannot switch to {signal}"
-        )));
+        return Err(StopError::OtherSignal {
+            current,
+            wanted: signal,
+        });
     }
     crate::signals::install_handler(signal, on_stop_signal)?;
     SIGNAL.store(signal, Ordering::Release);
@@ -94,29 +140,34 @@ pub fn signal() -> Option<i32> {
 }
 
 extern "C" fn on_stop_signal(
-    _: libc::c_int,
+    signo: libc::c_int,
     info: *mut libc::siginfo_t,
     context: *mut libc::c_void,
 ) {
+    if signo != SIGNAL.load(Ordering::Relaxed) || info.is_null() {
+        return;
+    }
     let saved_errno = crate::signals::errno();
     let generation = RELEASE.load(Ordering::SeqCst);
     let tid = crate::signals::gettid();
     let listed = LISTED.load(Ordering::SeqCst).min(MAX_THREADS);
-    // SAFETY: the kernel's siginfo of this SA_SIGINFO handler.
-    let slot = unsafe { crate::signals::signal_value(info) };
-    // The writer sends each thread the index of its record; a signal from elsewhere, or a late
-    // one from a stop that gave up on this thread, finds no record of this thread there.
+    // SAFETY: the kernel's siginfo of this SA_SIGINFO handler, checked non-null above.
+    let slot = unsafe { crate::signals::queued_value(info) };
+    // Rule 1: the writer sends each thread the index of its record; a signal from elsewhere, or
+    // a late one from a stop that gave up on this thread, finds no record of this thread there.
     let Some(record) = slot
         .filter(|&slot| slot < listed)
         .map(|slot| &TABLE[slot])
         .filter(|r| r.tid.load(Ordering::Acquire) == tid)
     else {
+        crate::signals::set_errno(saved_errno);
         return;
     };
     record
         .pc
         .store(crate::signals::interrupted_pc(context), Ordering::Relaxed);
     if record.arrived.swap(true, Ordering::AcqRel) {
+        crate::signals::set_errno(saved_errno);
         return;
     }
     // Only the last thread to arrive wakes the writer: 10,000 wake-ups would cost more than
@@ -165,11 +216,9 @@ fn release() {
 }
 
 /// Parks every other thread of the process. Allocates nothing after the first signal is sent.
-pub fn stop() -> Result<StoppedWorld, RedirectError> {
+pub fn stop() -> Result<StoppedWorld, StopError> {
     let Some(signal) = signal() else {
-        return Err(RedirectError::Signal(
-            "no stop signal installed (call install_stop_signal first)".into(),
-        ));
+        return Err(StopError::NotInstalled);
     };
     let writer = WRITER.lock().unwrap_or_else(|e| e.into_inner());
     let world = StoppedWorld { _writer: writer };
@@ -192,7 +241,7 @@ pub fn stop() -> Result<StoppedWorld, RedirectError> {
                 return;
             }
             if listed == MAX_THREADS {
-                failure = Some(RedirectError::TooManyThreads(MAX_THREADS));
+                failure = Some(StopError::TooManyThreads(MAX_THREADS));
                 return;
             }
             let record = &TABLE[listed];
@@ -230,7 +279,7 @@ pub fn stop() -> Result<StoppedWorld, RedirectError> {
                     .find(|r| !r.arrived.load(Ordering::Acquire))
                     .map_or(0, |r| r.tid.load(Ordering::Relaxed));
                 drop(world);
-                return Err(RedirectError::ThreadDidNotStop {
+                return Err(StopError::ThreadDidNotStop {
                     tid: missing,
                     waited: PARK_DEADLINE,
                 });
@@ -257,7 +306,7 @@ pub fn stop() -> Result<StoppedWorld, RedirectError> {
             {
                 let tid = record.tid.load(Ordering::Relaxed);
                 drop(world);
-                return Err(RedirectError::SignalBlocked { tid, signal });
+                return Err(StopError::SignalBlocked { tid, signal });
             }
             // A thread that exits with the signal pending never runs the handler.
             for record in &TABLE[..LISTED.load(Ordering::Acquire)] {

@@ -12,11 +12,13 @@
 //! func's transition flag — and publishes it whenever one of those changes.
 //! [`Dispatch::choose`] is then exactly the kernel handler's decision.
 
+use std::collections::BTreeMap;
+
 use crate::errno::Errno;
 use crate::lifecycle::Livepatch;
 use crate::patch::Func;
 use crate::platform::{Platform, SiteRegistration};
-use crate::transition::PatchState;
+use crate::thread_state::PatchState;
 use crate::{Addr, PatchId, log};
 
 /// The code a call should run.
@@ -74,7 +76,7 @@ pub(crate) struct FuncRef {
 /// last element).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct FuncStack {
-    pub(crate) entries: Vec<FuncRef>,
+    entries: Vec<FuncRef>,
 }
 
 impl FuncStack {
@@ -88,23 +90,82 @@ impl FuncStack {
         pos.checked_sub(1).map(|p| self.entries[p])
     }
 
-    pub(crate) fn push(&mut self, func: FuncRef) {
-        self.entries.push(func);
+    /// The funcs, oldest first.
+    pub(crate) fn entries(&self) -> &[FuncRef] {
+        &self.entries
+    }
+}
+
+/// What removing a func from its stack left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Removal {
+    /// The stack is gone: the site must be unregistered.
+    Emptied,
+    /// Other funcs remain: the site's dispatch changes.
+    Remaining,
+    /// The func was not on the stack.
+    Absent,
+}
+
+/// Every func stack, by the address of the original function (kernel: the `klp_ops` list).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct FuncStacks {
+    stacks: BTreeMap<Addr, FuncStack>,
+}
+
+impl FuncStacks {
+    pub(crate) fn get(&self, addr: Addr) -> Option<&FuncStack> {
+        self.stacks.get(&addr)
     }
 
-    /// Removes `func`; returns whether it was there.
-    pub(crate) fn remove(&mut self, func: FuncRef) -> bool {
-        match self.entries.iter().position(|e| *e == func) {
-            Some(pos) => {
-                self.entries.remove(pos);
+    pub(crate) fn contains(&self, addr: Addr) -> bool {
+        self.stacks.contains_key(&addr)
+    }
+
+    /// Pushes `func` on the stack of `addr`; true when the stack is new (its site must be
+    /// registered).
+    pub(crate) fn push(&mut self, addr: Addr, func: FuncRef) -> bool {
+        match self.stacks.get_mut(&addr) {
+            Some(stack) => {
+                stack.entries.push(func);
+                false
+            }
+            None => {
+                self.stacks.insert(
+                    addr,
+                    FuncStack {
+                        entries: vec![func],
+                    },
+                );
                 true
             }
-            None => false,
         }
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+    /// Removes `func` from the stack of `addr`.
+    pub(crate) fn remove(&mut self, addr: Addr, func: FuncRef) -> Removal {
+        let Some(stack) = self.stacks.get_mut(&addr) else {
+            return Removal::Absent;
+        };
+        let Some(pos) = stack.entries.iter().position(|e| *e == func) else {
+            return Removal::Absent;
+        };
+        stack.entries.remove(pos);
+        if stack.entries.is_empty() {
+            self.stacks.remove(&addr);
+            Removal::Emptied
+        } else {
+            Removal::Remaining
+        }
+    }
+
+    /// Forgets a stack whose site was never registered.
+    pub(crate) fn discard(&mut self, addr: Addr) {
+        self.stacks.remove(&addr);
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (Addr, &FuncStack)> {
+        self.stacks.iter().map(|(a, s)| (*a, s))
     }
 }
 
@@ -128,7 +189,7 @@ impl Livepatch {
             .iter()
             .map(|(addr, stack)| {
                 let entries = stack
-                    .entries
+                    .entries()
                     .iter()
                     .map(|&f| {
                         let func = self.func(f);
@@ -145,7 +206,7 @@ impl Livepatch {
                         }
                     })
                     .collect();
-                (*addr, entries)
+                (addr, entries)
             })
             .collect()
     }
@@ -162,11 +223,14 @@ impl Livepatch {
 
     /// The condensed view of the stack at `addr` that its stub acts on.
     pub(crate) fn dispatch_of(&self, addr: Addr) -> Dispatch {
-        let Some(top) = self.stacks.get(&addr).and_then(FuncStack::top) else {
+        let Some(stack) = self.stacks.get(addr) else {
+            return Dispatch::ORIGINAL;
+        };
+        let Some(top) = stack.top() else {
             return Dispatch::ORIGINAL;
         };
         let top_func = self.func(top);
-        let previous = self.stacks[&addr]
+        let previous = stack
             .below(top)
             .map(|f| self.func(f).target())
             .unwrap_or(Target::Original);
@@ -179,7 +243,7 @@ impl Livepatch {
 
     /// Tells the platform what the stub at `addr` must do now.
     pub(crate) fn publish_site<P: Platform>(&self, p: &mut P, addr: Addr) {
-        if self.stacks.contains_key(&addr) {
+        if self.stacks.contains(addr) {
             p.update_dispatch(addr, self.dispatch_of(addr));
         }
     }
@@ -213,15 +277,10 @@ impl Livepatch {
                 object: obj,
                 func: fi,
             };
-            match self.stacks.get_mut(&addr) {
-                Some(stack) => {
-                    stack.push(me);
-                    existing.push(addr);
-                }
-                None => {
-                    self.stacks.insert(addr, FuncStack { entries: vec![me] });
-                    fresh.push((fi, addr));
-                }
+            if self.stacks.push(addr, me) {
+                fresh.push((fi, addr));
+            } else {
+                existing.push(addr);
             }
             self.patches[patch].objects[obj].funcs[fi].patched = true;
         }
@@ -248,11 +307,11 @@ impl Livepatch {
                 // The new sites were never registered: drop them here so that
                 // the unpatch below does not unregister them.
                 for &(fi, addr) in &fresh {
-                    self.stacks.remove(&addr);
+                    self.stacks.discard(addr);
                     self.patches[patch].objects[obj].funcs[fi].patched = false;
                 }
                 self.unpatch_object(p, patch, obj, false);
-                return Err((err.errno, format!("function '{name}': {}", err.reason)));
+                return Err((err.errno, format!("function '{name}': {}", err.error)));
             }
         }
         for addr in existing {
@@ -286,14 +345,10 @@ impl Livepatch {
                 object: obj,
                 func: fi,
             };
-            if let Some(stack) = self.stacks.get_mut(&addr) {
-                stack.remove(me);
-                if stack.is_empty() {
-                    self.stacks.remove(&addr);
-                    emptied.push(addr);
-                } else {
-                    changed.push(addr);
-                }
+            match self.stacks.remove(addr, me) {
+                Removal::Emptied => emptied.push(addr),
+                Removal::Remaining => changed.push(addr),
+                Removal::Absent => {}
             }
             self.patches[patch].objects[obj].funcs[fi].patched = false;
         }
@@ -355,16 +410,19 @@ mod tests {
             object: 0,
             func: 0,
         };
-        let mut s = FuncStack::default();
-        s.push(f(1));
-        s.push(f(2));
-        s.push(f(3));
+        let mut stacks = FuncStacks::default();
+        assert!(stacks.push(0x10, f(1)));
+        assert!(!stacks.push(0x10, f(2)));
+        assert!(!stacks.push(0x10, f(3)));
+        let s = stacks.get(0x10).unwrap();
         assert_eq!(s.top(), Some(f(3)));
         assert_eq!(s.below(f(3)), Some(f(2)));
         assert_eq!(s.below(f(1)), None);
-        assert!(s.remove(f(2)));
-        assert_eq!(s.below(f(3)), Some(f(1)));
-        assert!(!s.remove(f(2)));
-        assert_eq!(s.entries.len(), 2);
+        assert_eq!(stacks.remove(0x10, f(2)), Removal::Remaining);
+        assert_eq!(stacks.get(0x10).unwrap().below(f(3)), Some(f(1)));
+        assert_eq!(stacks.remove(0x10, f(2)), Removal::Absent);
+        assert_eq!(stacks.remove(0x10, f(1)), Removal::Remaining);
+        assert_eq!(stacks.remove(0x10, f(3)), Removal::Emptied);
+        assert!(!stacks.contains(0x10));
     }
 }

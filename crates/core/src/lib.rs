@@ -17,8 +17,12 @@
 //!   loaded and unloaded later (core.c).
 //! - [`func_stack`]: func stacks and the dispatch rule of the stub
 //!   (patch.c, `klp_ftrace_handler`).
-//! - [`transition`]: per-thread states, the transition steps and the stack
-//!   check rule (transition.c).
+//! - [`transition`]: the transition steps (transition.c).
+//! - [`thread_state`]: a thread's state and the rules threads follow between
+//!   the core's steps: switch points, clean checks, threads found late
+//!   (transition.c, `klp_update_patch_state`, `klp_copy_process`).
+//! - [`ranges`]: the code that blocks a thread, and address lookups in it
+//!   (`klp_check_stack_func`).
 //! - [`replace`]: atomic replace, nops and replaced patches.
 //! - [`callbacks`]: per-object callbacks and their gating.
 //! - [`state`]: system states, compatibility and per-state callbacks
@@ -61,10 +65,12 @@ pub mod lifecycle;
 pub mod log;
 pub mod patch;
 pub mod platform;
+pub mod ranges;
 pub mod replace;
 pub mod shadow;
 pub mod state;
 pub mod sysfs;
+pub mod thread_state;
 pub mod transition;
 
 pub use callbacks::ObjectCallbacks;
@@ -77,13 +83,15 @@ pub use patch::{
     StateDesc,
 };
 pub use platform::{
-    BlockingRange, CodeKind, FuncLocation, ObjectCallback, ObjectCallbackKind, Platform,
-    ResolveError, SiteError, SiteRegistration, StateCallback, StateCallbackKind, SwitchResult,
+    FuncLocation, ObjectCallback, ObjectCallbackKind, Platform, RegisterError, ResolveError,
+    SiteRegistration, StateCallback, StateCallbackKind, SwitchResult,
 };
-pub use shadow::{ShadowData, ShadowVars};
+pub use ranges::{BlockingRange, CodeKind, DisjointRange, DisjointRanges};
+pub use shadow::{ShadowBlock, ShadowData, ShadowVars};
 pub use state::{PrevStates, StateRef};
 pub use sysfs::{FuncStatus, ObjectStatus, PatchStatus, SysfsEntry, kstrtobool};
-pub use transition::{BlockReason, PatchState, ThreadState};
+pub use thread_state::{PackedThreadState, PatchState, ThreadState};
+pub use transition::BlockReason;
 
 /// An address in the patched process.
 pub type Addr = u64;

@@ -7,14 +7,14 @@
 //! the transition in progress. Its methods are the locked entry points: the
 //! caller serializes them (the kernel's `klp_mutex`).
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::errno::Errno;
-use crate::func_stack::FuncStack;
+use crate::func_stack::FuncStacks;
 use crate::patch::{EnableError, Patch, PatchDesc, free_object_loaded, init_object_loaded};
 use crate::platform::Platform;
-use crate::transition::{BlockReason, PatchState, Transition};
+use crate::thread_state::PatchState;
+use crate::transition::{BlockReason, Transition};
 use crate::{Addr, PatchId, Tid, log};
 
 /// The livepatch core's state for one process.
@@ -23,11 +23,9 @@ pub struct Livepatch {
     /// Enabled patches and the one in transition, in enable order.
     pub(crate) patches: Vec<Patch>,
     /// One stack per patched original function, by its address.
-    pub(crate) stacks: BTreeMap<Addr, FuncStack>,
-    /// The transition in progress.
+    pub(crate) stacks: FuncStacks,
+    /// The transition in progress, with its target (`klp_target_state`).
     pub(crate) transition: Option<Transition>,
-    /// `klp_target_state`.
-    pub(crate) target: PatchState,
     next_id: u64,
 }
 
@@ -435,7 +433,7 @@ impl Livepatch {
     /// The name of the patch in transition and its target state.
     pub fn transition(&self) -> Option<(&str, PatchState)> {
         self.transition_patch_index()
-            .map(|i| (self.patches[i].name.as_str(), self.target))
+            .map(|i| (self.patches[i].name.as_str(), self.target()))
     }
 
     /// The threads that failed to switch at the last attempt, and why.
@@ -448,7 +446,7 @@ impl Livepatch {
 
     /// `klp_target_state`.
     pub fn target_state(&self) -> PatchState {
-        self.target
+        self.target()
     }
 
     /// The names of the active patches, in enable order.
@@ -466,8 +464,8 @@ impl Livepatch {
     /// stub acts on now.
     pub fn sites(&self) -> Vec<(Addr, crate::func_stack::Dispatch)> {
         self.stacks
-            .keys()
-            .map(|&a| (a, self.dispatch_of(a)))
+            .iter()
+            .map(|(a, _)| (a, self.dispatch_of(a)))
             .collect()
     }
 }

@@ -291,7 +291,7 @@ pub(crate) fn shadow_duplicate(obj: usize, id: u64) -> LogRecord {
 
 /// A `WARN_ON_ONCE` of the kernel: an impossible state was observed. It is
 /// logged, never ignored silently; debug builds also assert.
-pub(crate) fn warning(what: &str) -> LogRecord {
+pub fn warning(what: &str) -> LogRecord {
     line(Level::Warn, format_args!("WARNING: {what}"))
 }
 

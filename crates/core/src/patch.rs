@@ -40,6 +40,9 @@ pub struct ObjectDesc {
     pub funcs: Vec<FuncDesc>,
     /// The per-object callbacks.
     pub callbacks: ObjectCallbacks,
+    /// The GNU build id of the object the patch was written for, in hex as `readelf -n`
+    /// prints it; `None` accepts any build.
+    pub build_id: Option<String>,
 }
 
 /// The per-state callbacks of seed 004 (`struct klp_state_callbacks`).
@@ -175,6 +178,8 @@ pub(crate) struct Object {
     pub(crate) name: Option<String>,
     pub(crate) funcs: Vec<Func>,
     pub(crate) callbacks: ObjectCallbacks,
+    /// The build the object must be, from the descriptor (dynamic objects accept any).
+    pub(crate) build_id: Option<Vec<u8>>,
     /// Index in the descriptor's `objs`; `None` for dynamic objects.
     pub(crate) desc_index: Option<usize>,
     /// Allocated only to hold nops for atomic replace.
@@ -235,6 +240,7 @@ impl Patch {
                 name: o.name.clone(),
                 funcs: o.funcs.iter().map(Func::from_desc).collect(),
                 callbacks: o.callbacks,
+                build_id: o.build_id.as_deref().and_then(parse_build_id),
                 desc_index: Some(i),
                 dynamic: false,
                 loaded: false,
@@ -298,6 +304,14 @@ fn validate_desc(desc: &PatchDesc) -> Result<(), EnableError> {
             )));
         }
         let obj_name = obj.name.as_deref().unwrap_or(MAIN_OBJECT_NAME);
+        if let Some(text) = &obj.build_id
+            && parse_build_id(text).is_none()
+        {
+            return Err(invalid(format!(
+                "build_id of object '{obj_name}' in patch '{}' is {text:?}, not a build id in hex",
+                desc.name
+            )));
+        }
         if desc.objs[..i].iter().any(|o| o.name == obj.name) {
             return Err(invalid(format!(
                 "patch '{}' lists object '{obj_name}' twice",
@@ -344,14 +358,28 @@ fn validate_desc(desc: &PatchDesc) -> Result<(), EnableError> {
 }
 
 /// Resolves every func of a loaded object (kernel: `klp_init_object_loaded`):
-/// addresses and sizes of originals and replacements, nops pointed at their
-/// original, and a redirectability check. Logs the kernel's line on failure.
-/// Touches nothing but `obj`'s funcs.
+/// the object's build id, addresses and sizes of originals and replacements,
+/// nops pointed at their original, and the plan of each redirection. Logs the
+/// kernel's line on failure. Touches nothing but `obj`'s funcs and the
+/// platform's plans.
 pub(crate) fn init_object_loaded<P: Platform>(
     p: &mut P,
     obj: &mut Object,
 ) -> Result<(), EnableError> {
     let obj_name = obj.display_name().to_string();
+    if let Some(wanted) = &obj.build_id {
+        let actual = p.object_build_id(obj.name.as_deref());
+        if actual.as_ref() != Some(wanted) {
+            let has = match actual {
+                Some(id) => format!("has build id {}", hex(&id)),
+                None => "has no build id".to_string(),
+            };
+            return Err(invalid(format!(
+                "object '{obj_name}' {has}, but the patch was written for build id {}",
+                hex(wanted)
+            )));
+        }
+    }
     for func in &mut obj.funcs {
         let location = match p.resolve_func(obj.name.as_deref(), &func.old_name, func.old_sympos) {
             Ok(location) => location,
@@ -360,7 +388,7 @@ pub(crate) fn init_object_loaded<P: Platform>(
         if location.size == 0 {
             return Err(resolve_failed(p, ResolveError::NoSize, func, &obj_name));
         }
-        if let Err(reason) = p.check_redirectable(&func.old_name, location) {
+        if let Err(reason) = p.plan_site(&func.old_name, location) {
             p.log(log::failed_to_find_location(&func.old_name));
             return Err(invalid(format!(
                 "function '{}' in object '{obj_name}' cannot be redirected: {reason}",
@@ -432,6 +460,24 @@ fn resolve_failed<P: Platform>(
     }
 }
 
+/// A build id from its hex text, as `readelf -n` prints it (case does not matter); `None`
+/// when it is not an even number of hex digits.
+fn parse_build_id(text: &str) -> Option<Vec<u8>> {
+    let text = text.trim();
+    if text.is_empty() || !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Lower-case hex of a build id.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Forgets what was resolved for an object that went away (kernel:
 /// `klp_free_object_loaded`).
 pub(crate) fn free_object_loaded(obj: &mut Object) {
@@ -459,6 +505,7 @@ mod tests {
                     old_sympos: 0,
                 }],
                 callbacks: ObjectCallbacks::default(),
+                build_id: None,
             }],
             states: vec![],
             replace: false,
@@ -486,6 +533,22 @@ mod tests {
         let mut d = desc();
         d.objs.clear();
         assert!(validate_desc(&d).is_err());
+        let mut d = desc();
+        d.objs[0].build_id = Some("abc".into());
+        assert!(
+            validate_desc(&d)
+                .unwrap_err()
+                .reason
+                .contains("not a build id")
+        );
+    }
+
+    #[test]
+    fn build_ids_are_read_in_either_case() {
+        assert_eq!(parse_build_id("0aFf"), Some(vec![0x0a, 0xff]));
+        assert_eq!(parse_build_id("0g"), None);
+        assert_eq!(parse_build_id(""), None);
+        assert_eq!(hex(&[0x0a, 0xff]), "0aff");
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! The one trait through which the core touches the world.
 //!
-//! The core decides; a platform acts. The simulator (`livepatch-sim`) and the
+//! The core decides; a platform acts. Everything that can refuse a patch is asked before
+//! anything changes: symbols, build ids and a plan for every function's redirection
+//! ([`Platform::plan_site`]: entry analysis, relocation, stub memory within reach), so that a
+//! refusal comes before the first callback runs, and registration consumes the plans. The simulator (`livepatch-sim`) and the
 //! in-process agent implement the same trait, and nothing else crosses from
 //! the core to the world. Every method says what it must do, what it may
 //! assume and what the core does with the answer, in the manner of a sink
@@ -11,8 +14,9 @@
 //! | kernel                                   | here                                      |
 //! |------------------------------------------|-------------------------------------------|
 //! | `klp_find_object_module`, `mod->klp_alive` | [`Platform::is_object_loaded`]          |
+//! | the module's build id (not in the kernel) | [`Platform::object_build_id`]            |
 //! | `klp_find_object_symbol`, kallsyms sizes | [`Platform::resolve_func`], [`Platform::func_size`] |
-//! | ftrace location lookup                   | [`Platform::check_redirectable`]          |
+//! | ftrace location lookup, `ftrace_set_filter_ip` | [`Platform::plan_site`]             |
 //! | `register_ftrace_function` / unregister  | [`Platform::register_sites`], [`Platform::unregister_sites`] |
 //! | `klp_ops.func_stack` as the handler sees it | [`Platform::update_dispatch`]          |
 //! | `task->patch_state`, `TIF_PATCH_PENDING` | [`Platform::threads`], [`Platform::thread_state`], [`Platform::set_thread_state`] |
@@ -28,10 +32,13 @@
 
 use std::time::Duration;
 
+use std::fmt;
+
 use crate::func_stack::Dispatch;
 use crate::log::LogRecord;
+use crate::ranges::BlockingRange;
 use crate::state::PrevStates;
-use crate::transition::{PatchState, ThreadState};
+use crate::thread_state::{PatchState, ThreadState};
 use crate::{Addr, CallbackId, Tid};
 
 /// Where a function lives in the process, as symbol resolution found it.
@@ -77,46 +84,14 @@ pub struct SiteRegistration {
 
 /// Why registering a batch of sites failed.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SiteError {
+pub struct RegisterError<E> {
     /// Index into the batch of the site that could not be registered.
     pub index: usize,
     /// The error number, printed as `(%d)` in "failed to register ftrace
     /// handler for function '%s' (%d)".
     pub errno: crate::Errno,
-    /// A sentence for people: what went wrong and why.
-    pub reason: String,
-}
-
-/// Which code a [`BlockingRange`] covers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CodeKind {
-    /// The original function. The platform must count every copy of its
-    /// instructions too (a relocated prologue in a trampoline is the original
-    /// function's code).
-    Original,
-    /// A replacement function of some patch.
-    Replacement,
-}
-
-/// A code range that a thread must not have on its stack to switch: the
-/// result of `klp_check_stack_func` for one func of the transition patch.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BlockingRange {
-    /// `old_name` of the func, reported as the function a thread sleeps on.
-    pub func_name: String,
-    /// Start of the range.
-    pub start: Addr,
-    /// Length of the range in bytes.
-    pub size: u64,
-    /// Whether the range is original code or a replacement.
-    pub kind: CodeKind,
-}
-
-impl BlockingRange {
-    /// Whether `pc` lies in `[start, start + size)`.
-    pub fn contains(&self, pc: Addr) -> bool {
-        pc >= self.start && pc - self.start < self.size
-    }
+    /// What went wrong, for people.
+    pub error: E,
 }
 
 /// What a platform found when it tried to switch one thread.
@@ -227,16 +202,31 @@ pub trait Platform {
     /// `None` when no symbol covers it.
     fn func_size(&mut self, addr: Addr) -> Option<u64>;
 
-    /// Whether the function at `location` can be redirected at all (the
-    /// ftrace location of the kernel). `Err` carries the reason for people.
-    /// Called while validating, before anything changes.
-    fn check_redirectable(&mut self, func_name: &str, location: FuncLocation)
-    -> Result<(), String>;
+    /// The GNU build id of a loaded object (`None`: the main executable), or `None` when it
+    /// has none. Asked when a patch names the build it was written for.
+    fn object_build_id(&mut self, object: Option<&str>) -> Option<Vec<u8>>;
 
-    /// Makes every function in `sites` enter its dispatch stub, all or none.
-    /// On success each site dispatches as its registration says; on error no
-    /// site changed and the error names the first one that failed.
-    fn register_sites(&mut self, sites: &[SiteRegistration]) -> Result<(), SiteError>;
+    /// What a platform says when a function cannot be redirected, for people.
+    type SiteError: fmt::Display;
+
+    /// Decides everything the redirection of the function at `location` needs (how its entry
+    /// is redirected, the relocation of its first instructions, stub memory within reach) and
+    /// keeps it for [`Platform::register_sites`]; `Err` says why the function cannot be
+    /// redirected. Called while validating, before any callback runs, for every func of a
+    /// loaded object, including functions another patch redirects already (nothing to plan
+    /// then). Changes nothing the program can observe.
+    fn plan_site(&mut self, func_name: &str, location: FuncLocation)
+    -> Result<(), Self::SiteError>;
+
+    /// Makes every function in `sites` enter its dispatch stub, all or none, each as
+    /// [`Platform::plan_site`] planned it. On success each site dispatches as its registration
+    /// says; on error no site changed and the error names the first one that failed. A
+    /// platform fails here only for what no plan can foresee (a thread that cannot be stopped
+    /// for the write), never for a reason `plan_site` could have found.
+    fn register_sites(
+        &mut self,
+        sites: &[SiteRegistration],
+    ) -> Result<(), RegisterError<Self::SiteError>>;
 
     /// Restores the original entries of `addrs`, all registered earlier. Code
     /// a thread may still execute (stubs, trampolines) must stay mapped.
@@ -271,9 +261,8 @@ pub trait Platform {
     /// threads that exist; once every site is in transition a new thread has
     /// no old frame and starts at the target. A platform that discovers a
     /// thread only after its creation must not use this state for it: it
-    /// cannot know what the thread ran, and must treat it like a thread that
-    /// existed before the transition (initial state, pending once the
-    /// transition started).
+    /// cannot know what the thread ran, and gives it
+    /// [`ThreadState::discovered`] instead.
     fn set_new_thread_state(&mut self, state: ThreadState);
 
     /// For each thread of `tids` (all pending, none at `target`): check its

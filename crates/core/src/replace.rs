@@ -28,6 +28,7 @@ impl Livepatch {
                             name: old_obj.name.clone(),
                             funcs: Vec::new(),
                             callbacks: Default::default(),
+                            build_id: None,
                             desc_index: None,
                             dynamic: true,
                             loaded: false,

@@ -4,21 +4,19 @@
 //! A shadow variable is `<obj, id>` → a zero-filled block of `size` bytes
 //! that patch code allocates to give an existing structure new fields.
 //!
-//! Concurrency rules, as in the kernel:
-//! 1. Any number of threads may call every function at once.
-//! 2. `get` never waits for a constructor or destructor to finish.
-//! 3. Constructors and destructors run one at a time (the kernel runs them
-//!    under `klp_shadow_lock`): a constructor runs exactly once, for the
-//!    caller that creates the variable, and may call `get`; calling an
-//!    allocating or freeing function from a constructor or destructor
-//!    deadlocks, as it does in the kernel.
-//! 4. The data itself is the caller's to lock; a block stays at its address
-//!    until it is freed.
+//! [`ShadowVars`] is the table itself: deterministic and single-threaded.
+//! Variables are ordered by `<obj, id>`, and `free_all` runs its destructors
+//! in that order, objects by ascending address. A platform whose patch code
+//! runs on many threads wraps the table with the kernel's concurrency rules
+//! (the agent's `shadow` module); the pieces it needs to run constructors and
+//! destructors outside its locks are [`ShadowVars::prepare`],
+//! [`ShadowVars::insert`], [`ShadowVars::remove`] and
+//! [`ShadowVars::remove_all`]. A block stays at its address from its
+//! insertion until it is removed.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Mutex, RwLock};
 
 use crate::log::{self, LogRecord};
 
@@ -75,55 +73,67 @@ impl ShadowData<'_> {
 }
 
 /// A zero-filled block of memory that never moves while it lives.
-struct Block {
+#[derive(Debug)]
+pub struct ShadowBlock {
     cells: Box<[AtomicU8]>,
     offset: usize,
     size: usize,
 }
 
-impl Block {
+impl ShadowBlock {
     const ALIGN: usize = 16;
 
-    fn zeroed(size: usize) -> Block {
+    fn zeroed(size: usize) -> ShadowBlock {
         let cells: Box<[AtomicU8]> = (0..size.max(1) + Self::ALIGN - 1)
             .map(|_| AtomicU8::new(0))
             .collect();
         let offset = cells.as_ptr().cast::<u8>().align_offset(Self::ALIGN);
         let offset = if offset < Self::ALIGN { offset } else { 0 };
-        Block {
+        ShadowBlock {
             cells,
             offset,
             size,
         }
     }
 
-    fn data(&self) -> ShadowData<'_> {
+    /// The data, for a constructor or destructor.
+    pub fn data(&self) -> ShadowData<'_> {
         ShadowData {
             bytes: &self.cells[self.offset..self.offset + self.size],
         }
     }
 
-    fn ptr(&self) -> NonNull<u8> {
+    /// The address patch code uses.
+    pub fn ptr(&self) -> NonNull<u8> {
         let first = &self.cells[self.offset];
         NonNull::new(first.as_ptr()).expect("a reference is never null")
     }
 }
 
-type Key = (usize, u64);
+/// What [`ShadowVars::prepare`] found or made.
+#[derive(Debug)]
+pub enum Prepared {
+    /// The variable exists and is the answer (`get_or_alloc`).
+    Existing(NonNull<u8>),
+    /// The variable exists and `alloc` refuses a duplicate (the warning is logged).
+    Duplicate,
+    /// The constructor failed (the error is logged); nothing was created.
+    Failed,
+    /// A new, constructed block, to [`ShadowVars::insert`].
+    New(ShadowBlock),
+}
 
 /// The table of shadow variables of one process.
 pub struct ShadowVars {
-    vars: RwLock<HashMap<Key, Block>>,
-    /// Serializes allocation and freeing, so that constructors and
-    /// destructors run one at a time without blocking `get`.
-    update: Mutex<()>,
+    vars: BTreeMap<(usize, u64), ShadowBlock>,
     log: Option<Box<dyn Fn(LogRecord) + Send + Sync>>,
 }
 
 impl std::fmt::Debug for ShadowVars {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let n = self.vars.read().map(|v| v.len()).unwrap_or(0);
-        f.debug_struct("ShadowVars").field("count", &n).finish()
+        f.debug_struct("ShadowVars")
+            .field("count", &self.vars.len())
+            .finish()
     }
 }
 
@@ -137,8 +147,7 @@ impl ShadowVars {
     /// An empty table that logs nothing.
     pub fn new() -> Self {
         ShadowVars {
-            vars: RwLock::new(HashMap::new()),
-            update: Mutex::new(()),
+            vars: BTreeMap::new(),
             log: None,
         }
     }
@@ -147,8 +156,8 @@ impl ShadowVars {
     /// allocations) through `log`.
     pub fn with_log(log: impl Fn(LogRecord) + Send + Sync + 'static) -> Self {
         ShadowVars {
+            vars: BTreeMap::new(),
             log: Some(Box::new(log)),
-            ..Self::new()
         }
     }
 
@@ -160,92 +169,111 @@ impl ShadowVars {
 
     /// The data of `<obj, id>`, or `None` (kernel: `klp_shadow_get`).
     pub fn get(&self, obj: usize, id: u64) -> Option<NonNull<u8>> {
-        let vars = self.vars.read().unwrap_or_else(|e| e.into_inner());
-        vars.get(&(obj, id)).map(Block::ptr)
+        self.vars.get(&(obj, id)).map(ShadowBlock::ptr)
     }
 
-    /// Allocates `<obj, id>`; a duplicate is a warning and `None` (kernel:
-    /// `klp_shadow_alloc`).
-    pub fn alloc(
-        &self,
-        obj: usize,
-        id: u64,
-        size: usize,
-        ctor: Option<ShadowCtor<'_>>,
-    ) -> Option<NonNull<u8>> {
-        self.get_or_alloc_inner(obj, id, size, ctor, true)
-    }
-
-    /// Returns `<obj, id>`, allocating it if it does not exist; the
-    /// constructor runs only when it is created (kernel:
-    /// `klp_shadow_get_or_alloc`).
-    pub fn get_or_alloc(
-        &self,
-        obj: usize,
-        id: u64,
-        size: usize,
-        ctor: Option<ShadowCtor<'_>>,
-    ) -> Option<NonNull<u8>> {
-        self.get_or_alloc_inner(obj, id, size, ctor, false)
-    }
-
-    fn get_or_alloc_inner(
+    /// The first half of an allocation: looks `<obj, id>` up and, if it is new, makes and
+    /// constructs its block without inserting it. Reads the table only, so a concurrent
+    /// wrapper may run it (and the constructor in it) without excluding readers; it must
+    /// exclude other allocations until the [`ShadowVars::insert`] that follows.
+    pub fn prepare(
         &self,
         obj: usize,
         id: u64,
         size: usize,
         ctor: Option<ShadowCtor<'_>>,
         warn_on_exist: bool,
-    ) -> Option<NonNull<u8>> {
-        let _update = self.update.lock().unwrap_or_else(|e| e.into_inner());
+    ) -> Prepared {
         if let Some(existing) = self.get(obj, id) {
             if warn_on_exist {
                 self.emit(log::shadow_duplicate(obj, id));
-                return None;
+                return Prepared::Duplicate;
             }
-            return Some(existing);
+            return Prepared::Existing(existing);
         }
-        let block = Block::zeroed(size);
+        let block = ShadowBlock::zeroed(size);
         if let Some(ctor) = ctor {
             let err = ctor(obj, block.data());
             if err != 0 {
                 self.emit(log::shadow_construct_failed(obj, id, err));
-                return None;
+                return Prepared::Failed;
             }
         }
-        let mut vars = self.vars.write().unwrap_or_else(|e| e.into_inner());
-        let block = vars.entry((obj, id)).or_insert(block);
-        Some(block.ptr())
+        Prepared::New(block)
+    }
+
+    /// The second half of an allocation: adds the block that [`ShadowVars::prepare`] made
+    /// for `<obj, id>` and returns its address. A variable created meanwhile wins.
+    pub fn insert(&mut self, obj: usize, id: u64, block: ShadowBlock) -> NonNull<u8> {
+        self.vars.entry((obj, id)).or_insert(block).ptr()
+    }
+
+    /// Allocates `<obj, id>`; a duplicate is a warning and `None` (kernel:
+    /// `klp_shadow_alloc`).
+    pub fn alloc(
+        &mut self,
+        obj: usize,
+        id: u64,
+        size: usize,
+        ctor: Option<ShadowCtor<'_>>,
+    ) -> Option<NonNull<u8>> {
+        self.allocate(obj, id, size, ctor, true)
+    }
+
+    /// Returns `<obj, id>`, allocating it if it does not exist; the
+    /// constructor runs only when it is created (kernel:
+    /// `klp_shadow_get_or_alloc`).
+    pub fn get_or_alloc(
+        &mut self,
+        obj: usize,
+        id: u64,
+        size: usize,
+        ctor: Option<ShadowCtor<'_>>,
+    ) -> Option<NonNull<u8>> {
+        self.allocate(obj, id, size, ctor, false)
+    }
+
+    fn allocate(
+        &mut self,
+        obj: usize,
+        id: u64,
+        size: usize,
+        ctor: Option<ShadowCtor<'_>>,
+        warn_on_exist: bool,
+    ) -> Option<NonNull<u8>> {
+        match self.prepare(obj, id, size, ctor, warn_on_exist) {
+            Prepared::Existing(ptr) => Some(ptr),
+            Prepared::Duplicate | Prepared::Failed => None,
+            Prepared::New(block) => Some(self.insert(obj, id, block)),
+        }
+    }
+
+    /// Takes `<obj, id>` out of the table; the caller runs the destructor on it.
+    pub fn remove(&mut self, obj: usize, id: u64) -> Option<ShadowBlock> {
+        self.vars.remove(&(obj, id))
+    }
+
+    /// Takes every variable with `id` out of the table, objects by ascending address: the
+    /// order their destructors run in.
+    pub fn remove_all(&mut self, id: u64) -> Vec<(usize, ShadowBlock)> {
+        let keys: Vec<(usize, u64)> = self.vars.keys().filter(|k| k.1 == id).copied().collect();
+        keys.into_iter()
+            .filter_map(|key| self.vars.remove(&key).map(|block| (key.0, block)))
+            .collect()
     }
 
     /// Frees `<obj, id>` after running `dtor` on it; nothing if it does not
     /// exist (kernel: `klp_shadow_free`).
-    pub fn free(&self, obj: usize, id: u64, dtor: Option<ShadowDtor<'_>>) {
-        let _update = self.update.lock().unwrap_or_else(|e| e.into_inner());
-        let removed = self
-            .vars
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&(obj, id));
-        if let (Some(block), Some(dtor)) = (removed, dtor) {
+    pub fn free(&mut self, obj: usize, id: u64, dtor: Option<ShadowDtor<'_>>) {
+        if let (Some(block), Some(dtor)) = (self.remove(obj, id), dtor) {
             dtor(obj, block.data());
         }
     }
 
-    /// Frees every variable with `id`, running `dtor` on each (kernel:
-    /// `klp_shadow_free_all`).
-    pub fn free_all(&self, id: u64, dtor: Option<ShadowDtor<'_>>) {
-        let _update = self.update.lock().unwrap_or_else(|e| e.into_inner());
-        let mut removed = Vec::new();
-        {
-            let mut vars = self.vars.write().unwrap_or_else(|e| e.into_inner());
-            let keys: Vec<Key> = vars.keys().filter(|k| k.1 == id).copied().collect();
-            for key in keys {
-                if let Some(block) = vars.remove(&key) {
-                    removed.push((key.0, block));
-                }
-            }
-        }
+    /// Frees every variable with `id`, running `dtor` on each, objects by ascending address
+    /// (kernel: `klp_shadow_free_all`).
+    pub fn free_all(&mut self, id: u64, dtor: Option<ShadowDtor<'_>>) {
+        let removed = self.remove_all(id);
         if let Some(dtor) = dtor {
             for (obj, block) in removed {
                 dtor(obj, block.data());
@@ -255,11 +283,43 @@ impl ShadowVars {
 
     /// How many variables exist.
     pub fn len(&self) -> usize {
-        self.vars.read().unwrap_or_else(|e| e.into_inner()).len()
+        self.vars.len()
     }
 
     /// Whether no variable exists.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.vars.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_all_runs_destructors_by_ascending_object() {
+        let mut vars = ShadowVars::new();
+        for obj in [0x30usize, 0x10, 0x20] {
+            assert!(vars.alloc(obj, 7, 4, None).is_some());
+        }
+        let mut order = Vec::new();
+        vars.free_all(
+            7,
+            Some(&mut |obj: usize, _: ShadowData<'_>| order.push(obj)),
+        );
+        assert_eq!(order, [0x10, 0x20, 0x30]);
+        assert!(vars.is_empty());
+    }
+
+    #[test]
+    fn a_block_keeps_its_address_while_others_come_and_go() {
+        let mut vars = ShadowVars::new();
+        let first = vars.alloc(1, 1, 64, None).unwrap();
+        for obj in 2..200 {
+            vars.alloc(obj, 1, 64, None);
+        }
+        vars.free_all(2, None);
+        assert_eq!(vars.get(1, 1), Some(first));
+        assert_eq!(first.as_ptr().align_offset(16), 0);
     }
 }

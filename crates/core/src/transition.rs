@@ -19,64 +19,10 @@ use std::time::Duration;
 use crate::errno::Errno;
 use crate::func_stack::FuncRef;
 use crate::lifecycle::Livepatch;
-use crate::platform::{BlockingRange, CodeKind, Platform, SwitchResult};
+use crate::platform::{Platform, SwitchResult};
+use crate::ranges::{BlockingRange, CodeKind};
+use crate::thread_state::{PatchState, ThreadState};
 use crate::{PatchId, Tid, log};
-
-/// A thread's patch state (`task->patch_state`), also the global target.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[repr(i8)]
-pub enum PatchState {
-    /// No transition in progress (`KLP_TRANSITION_IDLE`, -1).
-    #[default]
-    Idle = -1,
-    /// Runs the code as it was before the transition patch (0).
-    Unpatched = 0,
-    /// Runs the transition patch's code (1).
-    Patched = 1,
-}
-
-impl PatchState {
-    /// The value `/proc/<pid>/patch_state` shows: -1, 0 or 1.
-    pub fn as_i8(self) -> i8 {
-        self as i8
-    }
-
-    /// The inverse of [`PatchState::as_i8`].
-    pub fn from_i8(v: i8) -> Option<PatchState> {
-        match v {
-            -1 => Some(PatchState::Idle),
-            0 => Some(PatchState::Unpatched),
-            1 => Some(PatchState::Patched),
-            _ => None,
-        }
-    }
-
-    /// The other non-idle state (`!state` in the kernel).
-    pub fn opposite(self) -> PatchState {
-        match self {
-            PatchState::Patched => PatchState::Unpatched,
-            PatchState::Unpatched => PatchState::Patched,
-            PatchState::Idle => PatchState::Idle,
-        }
-    }
-}
-
-/// A thread's state and pending flag (`TIF_PATCH_PENDING`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ThreadState {
-    /// Which code the thread runs.
-    pub state: PatchState,
-    /// The thread still has to switch to the target.
-    pub pending: bool,
-}
-
-impl ThreadState {
-    /// No transition: IDLE, not pending.
-    pub const IDLE: ThreadState = ThreadState {
-        state: PatchState::Idle,
-        pending: false,
-    };
-}
 
 /// Why a thread could not switch at the last attempt.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -106,6 +52,8 @@ pub const SIGNALS_PERIOD: Duration = Duration::from_secs(15);
 #[derive(Clone, Debug)]
 pub(crate) struct Transition {
     pub(crate) patch: PatchId,
+    /// `klp_target_state`: where every thread goes.
+    pub(crate) target: PatchState,
     /// When the retry work runs next.
     pub(crate) next_attempt_at: Duration,
     pub(crate) retry_delay: Duration,
@@ -120,6 +68,20 @@ pub(crate) struct Transition {
 }
 
 impl Livepatch {
+    /// `klp_target_state`: the transition's target, IDLE when none runs.
+    pub(crate) fn target(&self) -> PatchState {
+        self.transition
+            .as_ref()
+            .map_or(PatchState::Idle, |t| t.target)
+    }
+
+    /// Turns the transition in progress toward `target` (cancel and reverse).
+    fn set_target(&mut self, target: PatchState) {
+        if let Some(tr) = &mut self.transition {
+            tr.target = target;
+        }
+    }
+
     /// Prepares a transition to `target` for the patch at index `patch`
     /// (kernel: `klp_init_transition`). Must be called with no transition in
     /// progress; before [`Livepatch::start_transition`].
@@ -129,13 +91,14 @@ impl Livepatch {
         patch: usize,
         target: PatchState,
     ) {
-        if self.target != PatchState::Idle {
+        if self.target() != PatchState::Idle {
             self.warn(p, "init_transition: a transition is already in progress");
         }
         let id = self.patches[patch].id;
         let now = p.now();
         self.transition = Some(Transition {
             patch: id,
+            target,
             next_attempt_at: now,
             retry_delay: RETRY_FIRST,
             next_signal_at: now + SIGNALS_PERIOD,
@@ -143,7 +106,6 @@ impl Livepatch {
             blocked: BTreeMap::new(),
             obsolete_states_disabled: false,
         });
-        self.target = target;
         p.log(log::initializing_transition(
             &self.patches[patch].name,
             target == PatchState::Patched,
@@ -195,11 +157,11 @@ impl Livepatch {
     /// Marks every thread not yet at the target as pending and starts the
     /// retry schedule (kernel: `klp_start_transition`).
     pub(crate) fn start_transition<P: Platform>(&mut self, p: &mut P) {
-        if self.target == PatchState::Idle {
+        if self.target() == PatchState::Idle {
             self.warn(p, "start_transition: no transition to start");
             return;
         }
-        let target = self.target;
+        let target = self.target();
         let patch = self
             .transition_patch_index()
             .expect("transition patch exists");
@@ -211,10 +173,7 @@ impl Livepatch {
         // born from here on has no old frame and starts at the target. Set
         // before the loop, so a thread born during it is either at the
         // target or seen by the loop.
-        p.set_new_thread_state(ThreadState {
-            state: target,
-            pending: false,
-        });
+        p.set_new_thread_state(ThreadState::switched_to(target));
         for tid in p.threads() {
             if let Some(st) = p.thread_state(tid)
                 && st.state != target
@@ -254,7 +213,7 @@ impl Livepatch {
                 let Some(old_func) = func.old_func else {
                     continue;
                 };
-                let (start, size, kind) = if self.target == PatchState::Unpatched {
+                let (start, size, kind) = if self.target() == PatchState::Unpatched {
                     // The code being removed. A nop's new_func is the original.
                     let kind = if func.nop {
                         CodeKind::Original
@@ -270,7 +229,7 @@ impl Livepatch {
                         object: oi,
                         func: fi,
                     };
-                    let below = self.stacks.get(&old_func).and_then(|s| s.below(me));
+                    let below = self.stacks.get(old_func).and_then(|s| s.below(me));
                     match below.map(|f| self.func(f)) {
                         Some(prev) if !prev.nop => {
                             (prev.new_func, prev.new_size, CodeKind::Replacement)
@@ -293,11 +252,11 @@ impl Livepatch {
     /// transition when none is left (kernel: `klp_try_complete_transition`).
     /// Returns whether the transition completed. Never blocks.
     pub(crate) fn try_complete_transition<P: Platform>(&mut self, p: &mut P) -> bool {
-        if self.target == PatchState::Idle || self.transition.is_none() {
+        if self.target() == PatchState::Idle || self.transition.is_none() {
             self.warn(p, "try_complete_transition: no transition in progress");
             return false;
         }
-        let target = self.target;
+        let target = self.target();
         let ranges = self.blocking_ranges();
         let tids = p.threads();
         let mut pending = Vec::new();
@@ -389,7 +348,7 @@ impl Livepatch {
     /// Finishes the transition once every thread switched, or at once when
     /// canceling (kernel: `klp_complete_transition`).
     pub(crate) fn complete_transition<P: Platform>(&mut self, p: &mut P) {
-        let target = self.target;
+        let target = self.target();
         let patch = self
             .transition_patch_index()
             .expect("transition patch exists");
@@ -466,14 +425,13 @@ impl Livepatch {
             &self.patches[patch].name,
             patching,
         ));
-        self.target = PatchState::Idle;
         self.transition = None;
     }
 
     /// Undoes a patching transition that failed before it started (kernel:
     /// `klp_cancel_transition`): only between init and start.
     pub(crate) fn cancel_transition<P: Platform>(&mut self, p: &mut P) {
-        if self.target != PatchState::Patched {
+        if self.target() != PatchState::Patched {
             self.warn(p, "cancel_transition: not a patching transition");
             return;
         }
@@ -481,7 +439,7 @@ impl Livepatch {
             .transition_patch_index()
             .expect("transition patch exists");
         p.log(log::canceling_transition(&self.patches[patch].name));
-        self.target = PatchState::Unpatched;
+        self.set_target(PatchState::Unpatched);
         self.complete_transition(p);
     }
 
@@ -493,7 +451,7 @@ impl Livepatch {
         let patch = self
             .transition_patch_index()
             .expect("transition patch exists");
-        let from_patching = self.target == PatchState::Patched;
+        let from_patching = self.target() == PatchState::Patched;
         p.log(log::reversing_transition(
             &self.patches[patch].name,
             from_patching,
@@ -518,8 +476,9 @@ impl Livepatch {
 
         let tp = &mut self.patches[patch];
         tp.enabled = !tp.enabled;
-        self.target = self.target.opposite();
-        p.set_target_state(self.target);
+        let target = self.target().opposite();
+        self.set_target(target);
+        p.set_target_state(target);
         if let Some(tr) = &mut self.transition {
             tr.blocked.clear();
         }
@@ -531,18 +490,12 @@ impl Livepatch {
     /// `klp_force_transition`). The next attempt completes the transition.
     pub(crate) fn force_transition<P: Platform>(&mut self, p: &mut P) {
         p.log(log::forcing_remaining_tasks());
-        let target = self.target;
+        let target = self.target();
         for tid in p.threads() {
             if let Some(st) = p.thread_state(tid)
                 && st.pending
             {
-                p.set_thread_state(
-                    tid,
-                    ThreadState {
-                        state: target,
-                        pending: false,
-                    },
-                );
+                p.set_thread_state(tid, ThreadState::switched_to(target));
             }
         }
         let patch = self
@@ -562,20 +515,5 @@ impl Livepatch {
         if let Some(tr) = &mut self.transition {
             tr.next_attempt_at = p.now();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn states_have_the_kernel_values() {
-        assert_eq!(PatchState::Idle.as_i8(), -1);
-        assert_eq!(PatchState::Unpatched.as_i8(), 0);
-        assert_eq!(PatchState::Patched.as_i8(), 1);
-        assert_eq!(PatchState::from_i8(1), Some(PatchState::Patched));
-        assert_eq!(PatchState::from_i8(2), None);
-        assert_eq!(PatchState::Patched.opposite(), PatchState::Unpatched);
     }
 }

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use livepatch_core::{Errno, Livepatch, PatchDesc, PatchId};
 
-pub use world::{CallbackCall, Frame, ModuleState, SimThread, World};
+pub use world::{CallbackCall, Frame, ModuleState, SimSiteError, SimThread, World};
 
 /// How long the harness waits for a transition, like the selftests' 60 s.
 pub const SETTLE_LIMIT: Duration = Duration::from_secs(60);

@@ -263,16 +263,19 @@ pub fn callbacks_demo(k: &Kernel, world: &mut World, pre_patch_ret: Rc<Cell<i32>
             name: None,
             funcs: vec![],
             callbacks: demo_callbacks(world, CD, pre_patch_ret.clone()),
+            build_id: None,
         },
         ObjectDesc {
             name: Some(MOD.into()),
             funcs: vec![],
             callbacks: demo_callbacks(world, CD, pre_patch_ret.clone()),
+            build_id: None,
         },
         ObjectDesc {
             name: Some(BUSY.into()),
             funcs: vec![func("busymod_work_func", new)],
             callbacks: demo_callbacks(world, CD, pre_patch_ret),
+            build_id: None,
         },
     ];
     PatchDesc {
@@ -291,6 +294,7 @@ pub fn callbacks_demo2(world: &mut World, replace: bool) -> PatchDesc {
             name: None,
             funcs: vec![],
             callbacks: demo_callbacks(world, CD2, Rc::new(Cell::new(0))),
+            build_id: None,
         }],
         replace,
         ..Default::default()
@@ -461,6 +465,7 @@ pub fn state(k: &Kernel, world: &mut World, module: &str) -> PatchDesc {
             name: None,
             funcs: vec![],
             callbacks: state_callbacks(k, world, module, aware),
+            build_id: None,
         }],
         states: vec![StateDesc {
             id: CONSOLE_LOGLEVEL_STATE,

@@ -12,9 +12,9 @@ use std::fmt;
 use std::time::Duration;
 
 use livepatch_core::{
-    Addr, BlockingRange, CallbackId, Dispatch, Errno, FuncLocation, Level, LogRecord,
-    ObjectCallback, PatchState, Platform, ResolveError, SiteError, SiteRegistration, StateCallback,
-    SwitchResult, Target, ThreadState, Tid,
+    Addr, BlockingRange, CallbackId, DisjointRanges, Dispatch, Errno, FuncLocation, Level,
+    LogRecord, ObjectCallback, PatchState, Platform, RegisterError, ResolveError, SiteRegistration,
+    StateCallback, SwitchResult, Target, ThreadState, Tid,
 };
 
 /// The lifecycle state of a shared object, as the kernel's module states
@@ -63,6 +63,8 @@ pub struct SimObject {
     pub state: ModuleState,
     /// Function symbols in symbol-table order.
     pub symbols: Vec<Symbol>,
+    /// The GNU build id, if the object has one.
+    pub build_id: Option<Vec<u8>>,
 }
 
 /// A frame on a simulated thread's stack: the thread is inside `func` (the
@@ -153,6 +155,34 @@ pub struct Faults {
     pub register_fails: BTreeMap<String, Errno>,
 }
 
+/// Why the world cannot redirect a function.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SimSiteError {
+    /// The [`Faults::unredirectable`] fault: found when planning.
+    TooShort {
+        /// The function.
+        func: String,
+    },
+    /// The [`Faults::register_fails`] fault: found when registering.
+    Claimed {
+        /// The function.
+        func: String,
+    },
+}
+
+impl fmt::Display for SimSiteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SimSiteError::TooShort { func } => {
+                write!(f, "function '{func}' is too short to redirect")
+            }
+            SimSiteError::Claimed { func } => {
+                write!(f, "the entry of '{func}' is claimed by another user")
+            }
+        }
+    }
+}
+
 /// A site as the world keeps it: what the stub does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SimSite {
@@ -172,6 +202,8 @@ pub struct World {
     /// Every function's code, by start address: (name, size, owner).
     code: BTreeMap<Addr, (String, u64, String)>,
     sites: BTreeMap<Addr, SimSite>,
+    /// Functions planned for redirection and not registered since.
+    planned: BTreeMap<Addr, u64>,
     threads: BTreeMap<Tid, SimThread>,
     target: PatchState,
     new_thread: ThreadState,
@@ -222,9 +254,11 @@ impl World {
                 name: None,
                 state: ModuleState::Live,
                 symbols: Vec::new(),
+                build_id: None,
             }],
             code: BTreeMap::new(),
             sites: BTreeMap::new(),
+            planned: BTreeMap::new(),
             threads: BTreeMap::new(),
             target: PatchState::Idle,
             new_thread: ThreadState::IDLE,
@@ -262,6 +296,7 @@ impl World {
                     name: object.map(str::to_string),
                     state: ModuleState::Unformed,
                     symbols: Vec::new(),
+                    build_id: None,
                 });
                 self.objects.len() - 1
             }
@@ -421,6 +456,29 @@ impl World {
         tid
     }
 
+    /// Starts a thread the platform does not see being born: it is found already running, so it
+    /// takes the state of a discovered thread (the core's rule), not the state of new threads.
+    pub fn spawn_discovered(&mut self, name: &str) -> Tid {
+        let tid = self.spawn(name);
+        let state = ThreadState::discovered(self.new_thread, self.target);
+        if let Some(t) = self.threads.get_mut(&tid) {
+            t.state = state;
+        }
+        tid
+    }
+
+    /// Sets the build id of an object (`None`: the main executable).
+    pub fn set_build_id(&mut self, object: Option<&str>, build_id: Option<Vec<u8>>) {
+        if let Some(i) = self.object_index(object) {
+            self.objects[i].build_id = build_id;
+        }
+    }
+
+    /// Functions planned and not registered since.
+    pub fn planned_sites(&self) -> impl Iterator<Item = Addr> + '_ {
+        self.planned.keys().copied()
+    }
+
     /// Ends a thread.
     pub fn exit(&mut self, tid: Tid) {
         self.step += 1;
@@ -487,13 +545,8 @@ impl World {
     pub fn update_patch_state(&mut self, tid: Tid) {
         self.step += 1;
         let target = self.target;
-        if let Some(t) = self.threads.get_mut(&tid)
-            && t.state.pending
-        {
-            t.state = ThreadState {
-                state: target,
-                pending: false,
-            };
+        if let Some(t) = self.threads.get_mut(&tid) {
+            t.state = t.state.at_switch_point(target);
         }
     }
 
@@ -567,36 +620,52 @@ impl Platform for World {
             .map(|(_, (_, size, _))| *size)
     }
 
-    fn check_redirectable(
-        &mut self,
-        func_name: &str,
-        _location: FuncLocation,
-    ) -> Result<(), String> {
-        if self.faults.unredirectable.contains(func_name) {
-            Err(format!("function '{func_name}' is too short to redirect"))
-        } else {
-            Ok(())
-        }
+    fn object_build_id(&mut self, object: Option<&str>) -> Option<Vec<u8>> {
+        self.object_index(object)
+            .and_then(|i| self.objects[i].build_id.clone())
     }
 
-    fn register_sites(&mut self, sites: &[SiteRegistration]) -> Result<(), SiteError> {
+    type SiteError = SimSiteError;
+
+    fn plan_site(&mut self, func_name: &str, location: FuncLocation) -> Result<(), SimSiteError> {
+        if self.faults.unredirectable.contains(func_name) {
+            return Err(SimSiteError::TooShort {
+                func: func_name.to_string(),
+            });
+        }
+        if !self.sites.contains_key(&location.addr) {
+            self.planned.insert(location.addr, location.size);
+        }
+        Ok(())
+    }
+
+    fn register_sites(
+        &mut self,
+        sites: &[SiteRegistration],
+    ) -> Result<(), RegisterError<SimSiteError>> {
         for (index, site) in sites.iter().enumerate() {
             if let Some(errno) = self.faults.register_fails.get(&site.func_name) {
-                return Err(SiteError {
+                return Err(RegisterError {
                     index,
                     errno: *errno,
-                    reason: format!(
-                        "the entry of '{}' is claimed by another user",
-                        site.func_name
-                    ),
+                    error: SimSiteError::Claimed {
+                        func: site.func_name.clone(),
+                    },
                 });
             }
             if self.sites.contains_key(&site.addr) {
                 self.contract_violations
                     .push(format!("site {:#x} registered twice", site.addr));
             }
+            if self.planned.get(&site.addr) != Some(&site.size) {
+                self.contract_violations.push(format!(
+                    "site {:#x} ({}) registered without a plan",
+                    site.addr, site.func_name
+                ));
+            }
         }
         for site in sites {
+            self.planned.remove(&site.addr);
             self.sites.insert(
                 site.addr,
                 SimSite {
@@ -661,7 +730,10 @@ impl Platform for World {
         target: PatchState,
         ranges: &[BlockingRange],
     ) -> Vec<SwitchResult> {
-        tids.iter()
+        let checked = DisjointRanges::new(ranges);
+        let mut violations = Vec::new();
+        let results = tids
+            .iter()
             .map(|tid| {
                 let Some(t) = self.threads.get_mut(tid) else {
                     return SwitchResult::Exited;
@@ -672,21 +744,24 @@ impl Platform for World {
                 if t.unreliable {
                     return SwitchResult::UnreliableStack;
                 }
-                let hit = ranges
-                    .iter()
-                    .position(|r| t.frames.iter().any(|f| r.contains(f.pc)));
-                match hit {
-                    Some(i) => SwitchResult::Blocked(i),
-                    None => {
-                        t.state = ThreadState {
-                            state: target,
-                            pending: false,
-                        };
+                match checked.first_hit(t.frames.iter().map(|f| f.pc)) {
+                    Some(i) => SwitchResult::Blocked(i as usize),
+                    None if t.state == ThreadState::pending_for(target) => {
+                        t.state = ThreadState::switched_to(target);
                         SwitchResult::Switched
+                    }
+                    None => {
+                        violations.push(format!(
+                            "thread {tid} asked to switch to {target:?} while {:?}",
+                            t.state
+                        ));
+                        SwitchResult::Other(Errno::EINVAL)
                     }
                 }
             })
-            .collect()
+            .collect();
+        self.contract_violations.extend(violations);
+        results
     }
 
     fn synchronize_transition(&mut self) {
@@ -704,10 +779,7 @@ impl Platform for World {
                 // The system call returns: every frame unwinds and the
                 // thread passes the switch point on its way out.
                 t.frames.clear();
-                t.state = ThreadState {
-                    state: target,
-                    pending: false,
-                };
+                t.state = t.state.at_switch_point(target);
             }
         }
     }

@@ -63,7 +63,7 @@ impl Module {
 /// The module's program, run against `vars`. Returns its output lines.
 // The loops index several arrays at once, as the C module's do.
 #[allow(clippy::needless_range_loop)]
-fn run_program(vars: &ShadowVars) -> Vec<String> {
+fn run_program(vars: &RefCell<ShadowVars>) -> Vec<String> {
     let m = RefCell::new(Module::default());
     // Three "stack objects", and the fields the shadow variables point to.
     let objs = [[0u64; 2]; NUM_OBJS];
@@ -87,7 +87,7 @@ fn run_program(vars: &ShadowVars) -> Vec<String> {
         }
     };
     let shadow_get = |o: usize, id: u64| -> Option<usize> {
-        let sv = vars.get(o, id).map(|p| p.as_ptr().addr());
+        let sv = vars.borrow().get(o, id).map(|p| p.as_ptr().addr());
         let mut m = m.borrow_mut();
         let (a, b) = (m.addr(Some(o)), m.addr(sv));
         m.pr_info(format!("klp_shadow_get(obj=PTR{a}, id={id:#x}) = PTR{b}"));
@@ -96,9 +96,9 @@ fn run_program(vars: &ShadowVars) -> Vec<String> {
     let shadow_alloc = |o: usize, id: u64, var: usize, get_or: bool| -> Option<usize> {
         let mut ctor = ctor_for(var);
         let sv = if get_or {
-            vars.get_or_alloc(o, id, 8, Some(&mut ctor))
+            vars.borrow_mut().get_or_alloc(o, id, 8, Some(&mut ctor))
         } else {
-            vars.alloc(o, id, 8, Some(&mut ctor))
+            vars.borrow_mut().alloc(o, id, 8, Some(&mut ctor))
         }
         .map(|p| p.as_ptr().addr());
         let mut m = m.borrow_mut();
@@ -167,7 +167,7 @@ fn run_program(vars: &ShadowVars) -> Vec<String> {
             let (a, b) = (m.addr(Some(o)), m.addr(Some(data.as_ptr().addr())));
             m.pr_info(format!("shadow_dtor(obj=PTR{a}, shadow_data=PTR{b})"));
         };
-        vars.free(obj(i), SV_ID1, Some(&mut dtor));
+        vars.borrow_mut().free(obj(i), SV_ID1, Some(&mut dtor));
         {
             let mut m = m.borrow_mut();
             let a = m.addr(Some(obj(i)));
@@ -183,7 +183,7 @@ fn run_program(vars: &ShadowVars) -> Vec<String> {
         expect_ptr(shadow_get(obj(i), SV_ID2), sv2[i], pnfields2(i));
     }
     // Pass 6: free_all SV_ID2 without a dtor; they are gone.
-    vars.free_all(SV_ID2, None);
+    vars.borrow_mut().free_all(SV_ID2, None);
     {
         let mut m = m.borrow_mut();
         let d = m.addr(None);
@@ -192,7 +192,7 @@ fn run_program(vars: &ShadowVars) -> Vec<String> {
     for i in 0..NUM_OBJS {
         expect_null(shadow_get(obj(i), SV_ID2));
     }
-    assert!(vars.is_empty());
+    assert!(vars.borrow().is_empty());
     m.into_inner().out
 }
 
@@ -209,7 +209,7 @@ fn logged_table() -> (ShadowVars, Arc<Mutex<Vec<LogRecord>>>) {
 fn basic_shadow_variable_api() {
     let mut sim = Sim::default();
     let (vars, records) = logged_table();
-    let vars = Rc::new(vars);
+    let vars = Rc::new(RefCell::new(vars));
     let module_vars = vars.clone();
     sim.load_mod(
         TargetModule {
@@ -226,7 +226,7 @@ fn basic_shadow_variable_api() {
     );
     sim.unload_mod(SV);
     assert!(records.lock().unwrap().is_empty());
-    assert!(vars.is_empty());
+    assert!(vars.borrow().is_empty());
 
     let p = |s: &str| format!("{SV}: {s}");
     let want: Vec<String> = [
@@ -298,7 +298,7 @@ fn basic_shadow_variable_api() {
 /// variable and its data stay, and its constructor is not run again.
 #[test]
 fn duplicate_shadow_alloc_warns_and_returns_null() {
-    let (vars, records) = logged_table();
+    let (mut vars, records) = logged_table();
     let obj = 0x1000usize;
     let mut ctor_calls = 0;
     let mut ctor = |_: usize, data: ShadowData<'_>| {
@@ -336,7 +336,7 @@ fn duplicate_shadow_alloc_warns_and_returns_null() {
 /// the variable is not created; a later allocation may succeed.
 #[test]
 fn shadow_ctor_error_is_logged_and_nothing_is_created() {
-    let (vars, records) = logged_table();
+    let (mut vars, records) = logged_table();
     let obj = 0x2000usize;
     let mut failing = |_: usize, _: ShadowData<'_>| -22;
     assert_eq!(vars.alloc(obj, SV_ID2, 8, Some(&mut failing)), None);
@@ -370,7 +370,7 @@ fn shadow_ctor_error_is_logged_and_nothing_is_created() {
 /// once per variable.
 #[test]
 fn shadow_free_and_free_all_touch_only_their_variables() {
-    let vars = ShadowVars::new();
+    let mut vars = ShadowVars::new();
     for obj in [1usize, 2, 3] {
         assert!(vars.alloc(obj, SV_ID1, 4, None).is_some());
         assert!(vars.alloc(obj, SV_ID2, 4, None).is_some());

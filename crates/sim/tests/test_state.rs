@@ -301,6 +301,7 @@ fn cb_patch(
                 pre_unpatch: Some(obj_cb),
                 post_unpatch: Some(obj_cb),
             },
+            build_id: None,
         }],
         states: states
             .iter()

@@ -7,15 +7,18 @@
 //! root may connect (checked with the peer's credentials).
 
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use livepatch_protocol::{Command, Request, Response, VERSION, socket_dir};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 
-use crate::runtime::Agent;
+use crate::agent::Agent;
+use crate::control::requests;
 
 /// The longest a request line may be.
 const MAX_LINE: usize = 64 * 1024;
@@ -48,31 +51,13 @@ pub fn bind(pid: u32) -> std::io::Result<(UnixListener, PathBuf)> {
 
 /// Whether the peer is this process's user or root.
 fn peer_allowed(stream: &UnixStream) -> bool {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: SO_PEERCRED fills a ucred of `len` bytes on a connected Unix
-    // socket we own.
-    let r = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    // SAFETY: getuid cannot fail.
-    let me = unsafe { libc::getuid() };
-    r == 0 && (cred.uid == 0 || cred.uid == me)
+    let me = nix::unistd::getuid().as_raw();
+    getsockopt(stream, PeerCredentials).is_ok_and(|cred| cred.uid() == 0 || cred.uid() == me)
 }
 
 /// Serves the socket forever, running the transition work when it is due.
 pub fn serve(agent: &'static Agent, listener: UnixListener) {
-    crate::loader::set_control_thread();
+    agent.set_control_thread();
     let mut conns: Vec<Connection> = Vec::new();
     loop {
         let now = Instant::now();
@@ -82,27 +67,31 @@ pub fn serve(agent: &'static Agent, listener: UnixListener) {
             .map(|(_, deadline)| deadline.saturating_duration_since(now))
             .chain(agent.until_next_work())
             .fold(Duration::from_secs(1), Duration::min);
-        let mut fds: Vec<libc::pollfd> = std::iter::once(listener.as_raw_fd())
-            .chain(conns.iter().map(|c| c.stream.as_raw_fd()))
-            .map(|fd| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
-        let ms = timeout.as_millis().clamp(0, i32::MAX as u128) as i32;
-        // SAFETY: `fds` is a valid array of pollfd of the given length.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-        if n > 0 {
-            if fds[0].revents & libc::POLLIN != 0 {
+        let ready: Vec<PollFlags> = {
+            let mut fds: Vec<PollFd<'_>> = std::iter::once(listener.as_fd())
+                .chain(conns.iter().map(|c| c.stream.as_fd()))
+                .map(|fd| PollFd::new(fd, PollFlags::POLLIN))
+                .collect();
+            let ms = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+            match poll(&mut fds, ms) {
+                Ok(n) if n > 0 => fds
+                    .iter()
+                    .map(|fd| fd.revents().unwrap_or(PollFlags::empty()))
+                    .collect(),
+                // A timeout, or EINTR: nothing is ready.
+                _ => Vec::new(),
+            }
+        };
+        if let Some((listening, connections)) = ready.split_first() {
+            if listening.contains(PollFlags::POLLIN) {
                 accept_all(&listener, &mut conns);
             }
             let mut closed = Vec::new();
-            for (i, fd) in fds.iter().enumerate().skip(1) {
-                if fd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
-                    && !serve_connection(agent, &mut conns[i - 1])
+            for (i, revents) in connections.iter().enumerate() {
+                if revents.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR)
+                    && !serve_connection(agent, &mut conns[i])
                 {
-                    closed.push(i - 1);
+                    closed.push(i);
                 }
             }
             for i in closed.into_iter().rev() {
@@ -126,10 +115,13 @@ fn answer_wait(agent: &'static Agent, conn: &mut Connection) -> bool {
     let Some((patch, _)) = conn.waiting.take() else {
         return true;
     };
-    let answer = agent.handle(Command::Wait {
-        patch,
-        timeout_ms: 0,
-    });
+    let answer = requests::handle(
+        agent,
+        Command::Wait {
+            patch,
+            timeout_ms: 0,
+        },
+    );
     if reply(&mut conn.stream, &answer).is_err() {
         return false;
     }
@@ -203,7 +195,7 @@ fn answer_lines(agent: &'static Agent, conn: &mut Connection) -> bool {
                 conn.waiting = Some((patch, deadline));
                 continue;
             }
-            Ok(req) => agent.handle(req.command),
+            Ok(req) => requests::handle(agent, req.command),
             Err(e) => Response::error(libc::EINVAL, format!("malformed request: {e}")),
         };
         if reply(&mut conn.stream, &response).is_err() {

@@ -1,5 +1,5 @@
-//! The C ABI of `include/livepatch.h`: the structures a patch library
-//! declares, and their translation into the core's descriptors.
+//! The structures of `include/livepatch.h` that a patch library declares, their `#[repr(C)]`
+//! mirrors, and their translation into the core's descriptors.
 //!
 //! Safety model of this module:
 //! 1. A `klp_patch` pointer comes from `dlsym` of a library this agent
@@ -13,7 +13,8 @@
 use std::ffi::{CStr, c_char, c_int, c_ulong, c_void};
 
 use livepatch_core::{
-    CallbackId, FuncDesc, ObjectCallbacks, ObjectDesc, PatchDesc, StateCallbacks, StateDesc,
+    CallbackId, FuncDesc, ObjectCallbackKind, ObjectCallbacks, ObjectDesc, PatchDesc,
+    StateCallbackKind, StateCallbacks, StateDesc,
 };
 
 /// `struct klp_func`.
@@ -126,14 +127,6 @@ pub enum AbiError {
     /// A pointer that must be set is NULL.
     #[error("{0} is NULL")]
     Null(String),
-    /// A `build_id` is not hex.
-    #[error("build_id of object '{object}' is {text:?}, not a build id in hex")]
-    BadBuildId {
-        /// The object.
-        object: String,
-        /// What the patch wrote.
-        text: String,
-    },
     /// A string is not UTF-8.
     #[error("{0} is not valid UTF-8")]
     NotUtf8(String),
@@ -194,10 +187,7 @@ unsafe fn c_str(p: *const c_char, what: &str) -> Result<Option<String>, AbiError
 /// `patch` points to a `struct klp_patch` laid out as in livepatch.h, whose
 /// arrays and strings are valid and terminated (rule 1 and 2 of this
 /// module), and stays valid for the call.
-pub unsafe fn read_patch(
-    patch: *const KlpPatch,
-    default_name: &str,
-) -> Result<PatchDesc, AbiError> {
+unsafe fn read_patch(patch: *const KlpPatch, default_name: &str) -> Result<PatchDesc, AbiError> {
     if patch.is_null() {
         return Err(AbiError::Null("the declared patch".into()));
     }
@@ -234,9 +224,12 @@ pub unsafe fn read_patch(
         }
         // SAFETY: non-null array of klp_func terminated by old_name == NULL.
         let funcs = unsafe { read_funcs(o.funcs, &shown) }?;
+        // SAFETY: a C string of the library or NULL.
+        let build_id = unsafe { c_str(o.build_id, "build_id") }?;
         objs.push(ObjectDesc {
             name: obj_name,
             funcs,
+            build_id,
             callbacks: ObjectCallbacks {
                 pre_patch: handle(o.callbacks.pre_patch),
                 post_patch: handle(o.callbacks.post_patch),
@@ -305,64 +298,131 @@ unsafe fn read_funcs(funcs: *const KlpFunc, object: &str) -> Result<Vec<FuncDesc
     Ok(out)
 }
 
-/// An object of a patch that names the build id it was written for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BuildIdRequirement {
-    /// The object's name (`vmlinux` for the main executable).
-    pub object: String,
-    /// The build id in lower-case hex.
-    pub build_id: String,
+/// A patch declaration that [`read_patch`] accepted, of a library that stays loaded while the
+/// value lives (its owner keeps both together): its objects and states can be reached by
+/// index without `unsafe`, bounds checked against what was read.
+#[derive(Debug)]
+pub struct Declaration {
+    patch: std::ptr::NonNull<KlpPatch>,
+    objects: usize,
+    states: usize,
 }
 
-/// The build ids a declared patch requires of its objects.
-///
-/// # Safety
-/// As for [`read_patch`], which must have accepted `patch` (so its arrays are terminated).
-pub unsafe fn read_build_ids(patch: *const KlpPatch) -> Result<Vec<BuildIdRequirement>, AbiError> {
-    let mut out = Vec::new();
-    // SAFETY: non-null and valid, as read_patch checked.
-    let objs = unsafe { (*patch).objs };
-    for i in 0..MAX_OBJECTS {
-        // SAFETY: within the array, stopping at the terminator read_patch found.
-        let o = unsafe { &*objs.add(i) };
-        if o.name.is_null() && o.funcs.is_null() {
-            break;
-        }
-        // SAFETY: C strings of the library or NULL.
-        let (Some(text), name) = (unsafe { c_str(o.build_id, "build_id") }?, unsafe {
-            c_str(o.name, "object name")
-        }?) else {
-            continue;
+// SAFETY: the declaration is static data of a loaded library; the agent reads it and hands
+// pointers into it to C callbacks, from whichever thread holds the agent's lock.
+unsafe impl Send for Declaration {}
+
+impl Declaration {
+    /// Reads the declaration at `patch` (see [`read_patch`]).
+    ///
+    /// # Safety
+    /// As [`read_patch`]; and the library that holds it stays loaded while the returned
+    /// declaration lives.
+    pub unsafe fn read(
+        patch: std::ptr::NonNull<KlpPatch>,
+        default_name: &str,
+    ) -> Result<(Declaration, PatchDesc), AbiError> {
+        // SAFETY: the caller's promise.
+        let desc = unsafe { read_patch(patch.as_ptr(), default_name) }?;
+        // SAFETY: read_patch accepted it, so the states array is terminated (or NULL).
+        let states = unsafe { count_states(patch.as_ptr()) };
+        let declaration = Declaration {
+            patch,
+            objects: desc.objs.len(),
+            states,
         };
-        let object = name.unwrap_or_else(|| livepatch_core::MAIN_OBJECT_NAME.into());
-        let build_id = text.trim().to_ascii_lowercase();
-        if build_id.is_empty()
-            || build_id.len() % 2 != 0
-            || !build_id.bytes().all(|b| b.is_ascii_hexdigit())
-        {
-            return Err(AbiError::BadBuildId { object, text });
-        }
-        out.push(BuildIdRequirement { object, build_id });
+        Ok((declaration, desc))
     }
-    Ok(out)
+
+    /// The `struct klp_patch`.
+    pub fn patch(&self) -> *mut KlpPatch {
+        self.patch.as_ptr()
+    }
+
+    fn object_ref(&self, index: usize) -> Option<&KlpObject> {
+        // SAFETY: the objects array holds `objects` entries before its terminator (read_patch
+        // walked them) and stays mapped while `self` lives.
+        (index < self.objects).then(|| unsafe { &*(*self.patch.as_ptr()).objs.add(index) })
+    }
+
+    fn state_ref(&self, index: usize) -> Option<&KlpState> {
+        // SAFETY: as for objects, with the states array's `states` entries.
+        (index < self.states).then(|| unsafe { &*(*self.patch.as_ptr()).states.add(index) })
+    }
+
+    /// The object at `index` of the descriptor's `objs`.
+    pub fn object(&self, index: usize) -> Option<*mut KlpObject> {
+        self.object_ref(index)
+            .map(|o| std::ptr::from_ref(o).cast_mut())
+    }
+
+    /// The state at `index` of the descriptor's `states`.
+    pub fn state(&self, index: usize) -> Option<*mut KlpState> {
+        self.state_ref(index)
+            .map(|s| std::ptr::from_ref(s).cast_mut())
+    }
+
+    /// The function the object at `index` declares for `kind`, as a core callback handle.
+    pub fn object_callback(&self, index: usize, kind: ObjectCallbackKind) -> Option<CallbackId> {
+        let c = &self.object_ref(index)?.callbacks;
+        match kind {
+            ObjectCallbackKind::PrePatch => handle(c.pre_patch),
+            ObjectCallbackKind::PostPatch => handle(c.post_patch),
+            ObjectCallbackKind::PreUnpatch => handle(c.pre_unpatch),
+            ObjectCallbackKind::PostUnpatch => handle(c.post_unpatch),
+        }
+    }
+
+    /// The function the state at `index` declares for `kind`, as a core callback handle.
+    pub fn state_callback(&self, index: usize, kind: StateCallbackKind) -> Option<CallbackId> {
+        let c = &self.state_ref(index)?.callbacks;
+        match kind {
+            StateCallbackKind::Setup => handle(c.setup),
+            StateCallbackKind::Enable => handle(c.enable),
+            StateCallbackKind::Disable => handle(c.disable),
+            StateCallbackKind::Release => handle(c.release),
+        }
+    }
+
+    /// Runs the object's `kind` callback, if it declares one: `pre_patch`'s result, 0 for the
+    /// others and for a missing callback.
+    pub fn call_object(&self, index: usize, kind: ObjectCallbackKind) -> i32 {
+        let (Some(object), Some(callback)) =
+            (self.object(index), self.object_callback(index, kind))
+        else {
+            return 0;
+        };
+        // SAFETY: the callback was read from this very object of a loaded declaration.
+        unsafe { super::callbacks::call_object(kind, callback, object) }
+    }
+
+    /// Runs the state's `kind` callback, if it declares one: `setup`'s result, 0 otherwise.
+    pub fn call_state(&self, index: usize, kind: StateCallbackKind) -> i32 {
+        let (Some(state), Some(callback)) = (self.state(index), self.state_callback(index, kind))
+        else {
+            return 0;
+        };
+        // SAFETY: the callback was read from this very state of a loaded declaration.
+        unsafe { super::callbacks::call_state(kind, callback, self.patch(), state) }
+    }
 }
 
-/// The object at `index` of a declared patch.
+/// How many states precede the id-0 terminator.
 ///
 /// # Safety
-/// As for [`read_patch`]; `index` is below the object count it returned.
-pub unsafe fn object_ptr(patch: *const KlpPatch, index: usize) -> *mut KlpObject {
-    // SAFETY: the caller guarantees the patch and the index are valid.
-    unsafe { (*patch).objs.add(index) }
-}
-
-/// The state at `index` of a declared patch.
-///
-/// # Safety
-/// As for [`read_patch`]; `index` is below the state count it returned.
-pub unsafe fn state_ptr(patch: *const KlpPatch, index: usize) -> *mut KlpState {
-    // SAFETY: the caller guarantees the patch and the index are valid.
-    unsafe { (*patch).states.add(index) }
+/// As for [`read_patch`], which must have accepted `patch`.
+unsafe fn count_states(patch: *const KlpPatch) -> usize {
+    // SAFETY: the caller's promise.
+    let states = unsafe { (*patch).states };
+    if states.is_null() {
+        return 0;
+    }
+    let mut n = 0;
+    // SAFETY: within the array, stopping at the terminator read_patch found.
+    while unsafe { (*states.add(n)).id } != 0 {
+        n += 1;
+    }
+    n
 }
 
 #[cfg(test)]

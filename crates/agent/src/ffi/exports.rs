@@ -1,28 +1,23 @@
-//! The functions `include/livepatch.h` declares, exported for patch code:
-//! shadow variables, system states, the switch point and the log.
+//! The functions `include/livepatch.h` declares, exported for patch code: shadow variables,
+//! system states, the switch point and the log.
 //!
 //! Safety model of this module:
-//! 1. Pointers from C are used only as the header documents: `obj` of a
-//!    shadow variable is a key and never dereferenced; `ctor_data` is only
-//!    passed back to the constructor; `patch` of `klp_get_state` must be a
-//!    patch the caller declared.
-//! 2. Constructors and destructors are called with the data block the
-//!    shadow table owns, valid for the call.
+//! 1. Pointers from C are used only as the header documents: `obj` of a shadow variable is a
+//!    key and never dereferenced; `ctor_data` is only passed back to the constructor; `patch`
+//!    of `klp_get_state` must be a patch the caller declared; `line` a C string.
+//! 2. Constructors and destructors are called with the data block the shadow table owns,
+//!    valid for the call.
 
 use std::ffi::{CStr, c_char, c_int, c_ulong, c_void};
 
-use crate::abi::{self, KlpPatch, KlpState};
-use crate::runtime;
-use crate::threads;
+use livepatch_core::ShadowData;
+
+use super::descriptor::{KlpPatch, KlpState};
 
 /// `klp_shadow_ctor_t`.
 pub type ShadowCtorFn = unsafe extern "C" fn(*mut c_void, *mut c_void, *mut c_void) -> c_int;
 /// `klp_shadow_dtor_t`.
 pub type ShadowDtorFn = unsafe extern "C" fn(*mut c_void, *mut c_void);
-
-fn shadow() -> Option<&'static livepatch_core::ShadowVars> {
-    runtime::agent().map(|a| &a.shadow)
-}
 
 fn ptr_or_null(p: Option<std::ptr::NonNull<u8>>) -> *mut c_void {
     p.map_or(std::ptr::null_mut(), |p| p.as_ptr().cast())
@@ -31,10 +26,10 @@ fn ptr_or_null(p: Option<std::ptr::NonNull<u8>>) -> *mut c_void {
 /// `klp_shadow_get`.
 #[unsafe(no_mangle)]
 pub extern "C" fn klp_shadow_get(obj: *mut c_void, id: c_ulong) -> *mut c_void {
-    let Some(sv) = shadow() else {
+    let Some(agent) = crate::agent() else {
         return std::ptr::null_mut();
     };
-    ptr_or_null(sv.get(obj as usize, id))
+    ptr_or_null(agent.shadow().get(obj as usize, id))
 }
 
 fn alloc(
@@ -45,10 +40,10 @@ fn alloc(
     ctor_data: *mut c_void,
     get_or_alloc: bool,
 ) -> *mut c_void {
-    let Some(sv) = shadow() else {
+    let Some(agent) = crate::agent() else {
         return std::ptr::null_mut();
     };
-    let mut call = |o: usize, data: livepatch_core::ShadowData<'_>| -> i32 {
+    let mut call = |o: usize, data: ShadowData<'_>| -> i32 {
         match ctor {
             // SAFETY: the constructor gets the object key, the new block and
             // the caller's data, as the header documents (rules 1 and 2).
@@ -57,12 +52,12 @@ fn alloc(
         }
     };
     let ctor_ref: Option<livepatch_core::shadow::ShadowCtor<'_>> = ctor.map(|_| &mut call as _);
-    let r = if get_or_alloc {
-        sv.get_or_alloc(obj as usize, id, size, ctor_ref)
+    let shadow = agent.shadow();
+    ptr_or_null(if get_or_alloc {
+        shadow.get_or_alloc(obj as usize, id, size, ctor_ref)
     } else {
-        sv.alloc(obj as usize, id, size, ctor_ref)
-    };
-    ptr_or_null(r)
+        shadow.alloc(obj as usize, id, size, ctor_ref)
+    })
 }
 
 /// `klp_shadow_alloc`.
@@ -91,7 +86,7 @@ pub extern "C" fn klp_shadow_get_or_alloc(
     alloc(obj, id, size, ctor, ctor_data, true)
 }
 
-fn dtor_call(dtor: Option<ShadowDtorFn>) -> impl FnMut(usize, livepatch_core::ShadowData<'_>) {
+fn dtor_call(dtor: Option<ShadowDtorFn>) -> impl FnMut(usize, ShadowData<'_>) {
     move |o, data| {
         if let Some(f) = dtor {
             // SAFETY: the destructor gets the object key and the block about
@@ -104,17 +99,19 @@ fn dtor_call(dtor: Option<ShadowDtorFn>) -> impl FnMut(usize, livepatch_core::Sh
 /// `klp_shadow_free`.
 #[unsafe(no_mangle)]
 pub extern "C" fn klp_shadow_free(obj: *mut c_void, id: c_ulong, dtor: Option<ShadowDtorFn>) {
-    let Some(sv) = shadow() else { return };
+    let Some(agent) = crate::agent() else { return };
     let mut call = dtor_call(dtor);
-    sv.free(obj as usize, id, dtor.map(|_| &mut call as _));
+    agent
+        .shadow()
+        .free(obj as usize, id, dtor.map(|_| &mut call as _));
 }
 
 /// `klp_shadow_free_all`.
 #[unsafe(no_mangle)]
 pub extern "C" fn klp_shadow_free_all(id: c_ulong, dtor: Option<ShadowDtorFn>) {
-    let Some(sv) = shadow() else { return };
+    let Some(agent) = crate::agent() else { return };
     let mut call = dtor_call(dtor);
-    sv.free_all(id, dtor.map(|_| &mut call as _));
+    agent.shadow().free_all(id, dtor.map(|_| &mut call as _));
 }
 
 /// `klp_get_state`: the state `id` of `patch`, or NULL.
@@ -134,7 +131,7 @@ pub unsafe extern "C" fn klp_get_state(patch: *mut KlpPatch, id: c_ulong) -> *mu
     let mut i = 0;
     loop {
         // SAFETY: within the array, stopping at the terminator.
-        let s = unsafe { abi::state_ptr(patch, i) };
+        let s = unsafe { states.add(i) };
         // SAFETY: `s` points into the declared array.
         let sid = unsafe { (*s).id };
         if sid == 0 {
@@ -151,40 +148,28 @@ pub unsafe extern "C" fn klp_get_state(patch: *mut KlpPatch, id: c_ulong) -> *mu
 /// the one in transition, or NULL (with a warning outside a transition).
 #[unsafe(no_mangle)]
 pub extern "C" fn klp_get_prev_state(id: c_ulong) -> *mut KlpState {
-    let Some(agent) = runtime::agent() else {
-        return std::ptr::null_mut();
-    };
-    // A callback of the patch in transition runs on the control thread,
-    // which holds the lock: it answers from what the core handed it.
-    if let Some(found) = crate::platform::prev_state_in_callback(id) {
-        return found;
-    }
-    let mut guard = agent.lock();
-    let inner = &mut *guard;
-    let found = inner.core.get_prev_state(&mut inner.platform, id);
-    match found.and_then(|s| inner.declaration(&s.patch).map(|d| (d, s.index))) {
-        // SAFETY: `index` is a valid state index of that declared patch.
-        Some((decl, index)) => unsafe { abi::state_ptr(decl, index) },
-        None => std::ptr::null_mut(),
-    }
+    crate::agent()
+        .and_then(|agent| agent.prev_state(id))
+        .unwrap_or(std::ptr::null_mut())
 }
 
 /// `klp_update_patch_state`: a switch point for the calling thread.
 #[unsafe(no_mangle)]
 pub extern "C" fn klp_update_patch_state() {
-    threads::update_patch_state();
+    crate::threads::update_patch_state();
 }
 
 /// `klp_log_line`: one line of patch code into the agent's log.
 ///
 /// # Safety
-/// `line` is NULL or a NUL-terminated string.
+/// `line` is NULL or a NUL-terminated string (rule 1).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn klp_log_line(line: *const c_char) {
     if line.is_null() {
         return;
     }
+    let Some(agent) = crate::agent() else { return };
     // SAFETY: a NUL-terminated string by the caller's contract.
     let text = unsafe { CStr::from_ptr(line) }.to_string_lossy();
-    runtime::log().patch_line(text.trim_end_matches('\n'));
+    agent.log().patch_line(text.trim_end_matches('\n'));
 }

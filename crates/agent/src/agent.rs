@@ -1,0 +1,210 @@
+//! The agent of one process: the core and its platform under one lock (the kernel's
+//! `klp_mutex`), the log, the shadow variables, and the thread that serves the control socket.
+//! The process has one, made by [`crate::start`]; everything below gets it passed in.
+
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use livepatch_arch::signals::{self, gettid};
+use livepatch_core::Livepatch;
+
+use crate::callbacks::{CallbackScope, PrevStateAnswer};
+use crate::check;
+use crate::ffi::descriptor::KlpState;
+use crate::log::AgentLog;
+use crate::notifier::{self, ComingRefusal};
+use crate::platform::ProcessPlatform;
+use crate::shadow::SharedShadowVars;
+use crate::sites::Sites;
+
+/// Environment variable choosing the real-time signal of per-thread checks; the next signal
+/// stops the world for code writes.
+pub const SIGNAL_ENV: &str = "LIVEPATCH_SIGNAL";
+
+/// Why the agent did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// `LIVEPATCH_SIGNAL` is not a number.
+    #[error("{SIGNAL_ENV}={0}: not a signal number")]
+    NotASignal(String),
+    /// The chosen signals do not fit.
+    #[error(
+        "{SIGNAL_ENV}={signal}: the agent needs this signal and the next, both real-time (up to {max})"
+    )]
+    NoRoom {
+        /// The chosen signal.
+        signal: i32,
+        /// `SIGRTMIN`.
+        max: i32,
+    },
+    /// The check signal cannot be used.
+    #[error(transparent)]
+    CheckSignal(#[from] signals::SignalError),
+    /// The stop signal cannot be used.
+    #[error(transparent)]
+    StopSignal(#[from] livepatch_arch::stop_world::StopError),
+    /// The control socket could not be created.
+    #[error("cannot create the control socket: {0}")]
+    Socket(std::io::Error),
+    /// The control thread could not be started.
+    #[error("cannot start the control thread: {0}")]
+    Thread(std::io::Error),
+    /// The agent failed to start earlier in this process.
+    #[error("{0}")]
+    Earlier(String),
+}
+
+/// The check signal: `LIVEPATCH_SIGNAL` or `SIGRTMIN+8`; the stop signal is the next one.
+fn chosen_signal() -> Result<i32, StartError> {
+    let signal = match std::env::var(SIGNAL_ENV) {
+        Ok(text) => text
+            .trim()
+            .parse::<i32>()
+            .map_err(|_| StartError::NotASignal(text))?,
+        Err(_) => libc::SIGRTMIN() + 8,
+    };
+    if signal + 1 > libc::SIGRTMAX() {
+        return Err(StartError::NoRoom {
+            signal,
+            max: libc::SIGRTMAX(),
+        });
+    }
+    Ok(signal)
+}
+
+/// The core and its platform: what the lock protects.
+#[derive(Debug)]
+pub struct AgentState {
+    /// The livepatch core.
+    pub core: Livepatch,
+    /// The platform the core acts through.
+    pub platform: ProcessPlatform,
+}
+
+/// The agent of this process.
+#[derive(Debug)]
+pub struct Agent {
+    log: Arc<AgentLog>,
+    shadow: SharedShadowVars,
+    callbacks: Arc<CallbackScope>,
+    state: Mutex<AgentState>,
+    pid: u32,
+    /// The control thread, once it runs; 0 before.
+    control_tid: AtomicI32,
+}
+
+impl Agent {
+    /// Installs the signal handlers and the stub decision and makes the core and its
+    /// platform; refuses when the chosen signals are taken by the program.
+    pub fn new() -> Result<Agent, StartError> {
+        let check_signal = chosen_signal()?;
+        check::install(check_signal)?;
+        livepatch_arch::install_stop_signal(check_signal + 1)?;
+        Sites::install();
+        let log = Arc::new(AgentLog::from_env());
+        let shadow_log = log.clone();
+        let callbacks = Arc::new(CallbackScope::default());
+        let platform = ProcessPlatform::new(log.clone(), callbacks.clone(), check_signal);
+        Ok(Agent {
+            shadow: SharedShadowVars::new(move |r| shadow_log.core(&r)),
+            log,
+            callbacks,
+            state: Mutex::new(AgentState {
+                core: Livepatch::new(),
+                platform,
+            }),
+            pid: signals::getpid() as u32,
+            control_tid: AtomicI32::new(0),
+        })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The log.
+    pub fn log(&self) -> &AgentLog {
+        &self.log
+    }
+
+    /// The shadow variables of patch code.
+    pub fn shadow(&self) -> &SharedShadowVars {
+        &self.shadow
+    }
+
+    /// Takes the lock (`klp_mutex`).
+    pub fn lock(&self) -> MutexGuard<'_, AgentState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records the calling thread as the control thread.
+    pub fn set_control_thread(&self) {
+        self.control_tid.store(gettid(), Ordering::SeqCst);
+    }
+
+    /// Whether the caller is the control thread: its own `dlopen` calls (a patch library's)
+    /// must not wait for the lock it holds.
+    pub fn is_control_thread(&self) -> bool {
+        self.control_tid.load(Ordering::SeqCst) == gettid()
+    }
+
+    /// The program loaded or unloaded libraries: the module notifiers. Returns why a patch
+    /// refused a library that came, which must then be unloaded again.
+    pub fn objects_changed(&self) -> Option<ComingRefusal> {
+        let refused = notifier::sync_objects(&mut self.lock());
+        if let Some(refusal) = &refused {
+            self.log.agent(
+                livepatch_core::Level::Warn,
+                format_args!("dlopen refused: {refusal}"),
+            );
+        }
+        refused
+    }
+
+    /// `klp_get_prev_state(id)` for patch code: answered from the callback's states when a
+    /// callback the agent runs asks, else by the core.
+    pub fn prev_state(&self, id: u64) -> Option<*mut KlpState> {
+        match self.callbacks.prev_state(id) {
+            Some(PrevStateAnswer::Found(state)) => return state,
+            Some(PrevStateAnswer::OutsideTransition(warning)) => {
+                self.log.core(&warning);
+                return None;
+            }
+            None => {}
+        }
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let found = state.core.get_prev_state(&mut state.platform, id)?;
+        state
+            .platform
+            .libraries
+            .declaration(&found.patch)?
+            .state(found.index)
+    }
+
+    /// How long until the transition work is due; `None` when no transition runs.
+    pub fn until_next_work(&self) -> Option<Duration> {
+        let mut state = self.lock();
+        let at = state.core.next_work_at()?;
+        let now = livepatch_core::Platform::now(&mut state.platform);
+        Some(at.saturating_sub(now))
+    }
+
+    /// Runs the transition work if it is due (`klp_transition_work_fn`).
+    pub fn run_work(&self) {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        state.platform.objects.refresh();
+        state.core.transition_work(&mut state.platform);
+    }
+
+    /// Whether `patch` is in transition now.
+    pub fn in_transition(&self, patch: &str) -> bool {
+        self.lock()
+            .core
+            .transition()
+            .is_some_and(|(name, _)| name == patch)
+    }
+}

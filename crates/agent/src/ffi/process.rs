@@ -1,0 +1,90 @@
+//! The process around the agent: its start when the library was preloaded (an `.init_array`
+//! entry, before `main` runs) and the removal of its socket when the process exits normally.
+//!
+//! Safety model of this module: the constructor and the exit handler are `extern "C"`
+//! functions without arguments that live as long as the process; the socket path they unlink
+//! is a C string set once.
+
+use std::ffi::CString;
+use std::path::Path;
+use std::sync::OnceLock;
+
+/// Starts the agent when this library was preloaded, before `main` runs.
+extern "C" fn start_when_preloaded() {
+    super::dl::resolve_next_definitions();
+    let preloaded = std::env::var_os("LD_PRELOAD")
+        .is_some_and(|v| v.to_string_lossy().contains("liblivepatch_agent"));
+    if preloaded && let Err(e) = crate::start() {
+        eprintln!("livepatch: agent not started: {e}");
+    }
+}
+
+#[used]
+#[unsafe(link_section = ".init_array")]
+static START_WHEN_PRELOADED: extern "C" fn() = start_when_preloaded;
+
+static SOCKET: OnceLock<CString> = OnceLock::new();
+
+extern "C" fn unlink_socket() {
+    if let Some(p) = SOCKET.get() {
+        // SAFETY: a valid C string; unlink has no other effect.
+        unsafe { libc::unlink(p.as_ptr()) };
+    }
+}
+
+/// Removes the socket at `path` when the process exits normally. Once per process.
+pub fn remove_at_exit(path: &Path) {
+    let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    if SOCKET.set(c).is_err() {
+        return;
+    }
+    // SAFETY: registers a function without arguments, valid forever.
+    if unsafe { libc::atexit(unlink_socket) } != 0 {
+        // The socket stays after exit: the next process with this pid (or the CLI) finds it
+        // stale and replaces it.
+    }
+}
+
+/// Starts the agent's own thread with every signal blocked except `keep` (the agent's own
+/// signals) and the synchronous ones a fault raises, so that the program's process-directed
+/// signals (SIGCHLD, SIGTERM, ...) always reach the program's threads, as without the agent.
+/// The mask is set before the thread exists (it inherits it), so no signal can slip in first.
+pub fn spawn_without_signals(
+    name: &str,
+    keep: &[i32],
+    body: impl FnOnce() + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    // SAFETY: sigset_t is plain data; sigfillset initializes it fully.
+    let mut blocked: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid sigset_t of ours.
+    unsafe { libc::sigfillset(&mut blocked) };
+    let synchronous = [
+        libc::SIGSEGV,
+        libc::SIGBUS,
+        libc::SIGILL,
+        libc::SIGFPE,
+        libc::SIGTRAP,
+        libc::SIGSYS,
+    ];
+    for &signal in keep.iter().chain(&synchronous) {
+        // SAFETY: as above; an invalid number only makes sigdelset fail, which leaves the set.
+        unsafe { libc::sigdelset(&mut blocked, signal) };
+    }
+    // SAFETY: sigset_t is plain data, filled by pthread_sigmask below.
+    let mut previous: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid sets; changes only the calling thread's mask, restored below.
+    let r = unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &blocked, &mut previous) };
+    if r != 0 {
+        return Err(std::io::Error::from_raw_os_error(r));
+    }
+    let spawned = std::thread::Builder::new().name(name.into()).spawn(body);
+    // SAFETY: restores the mask read above.
+    let r = unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut()) };
+    if r != 0 {
+        // The thread exists, but the caller's own mask stays wider than it was: say so.
+        return Err(std::io::Error::from_raw_os_error(r));
+    }
+    spawned
+}

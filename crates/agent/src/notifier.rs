@@ -1,0 +1,32 @@
+//! The kernel's module notifiers for the program's libraries: objects that entered or left the
+//! link map since the core last heard are handed to `klp_module_coming` and
+//! `klp_module_going`, going ones first (their addresses may be reused by coming ones).
+
+use livepatch_core::{ComingError, MAIN_OBJECT_NAME};
+
+use crate::agent::AgentState;
+
+/// A library a patch refused as it came: the program's `dlopen` of it must fail.
+pub type ComingRefusal = ComingError;
+
+/// Tells the core about the libraries that came and went. Returns why a coming library was
+/// refused, if one was; the caller must unload it again (and call this once more).
+pub fn sync_objects(state: &mut AgentState) -> Option<ComingRefusal> {
+    let AgentState { core, platform } = state;
+    let (gone, new) = platform.objects.changes();
+    for name in gone {
+        core.object_going(platform, &name);
+        platform.objects.gone(&name);
+    }
+    let mut refused = None;
+    for name in new {
+        if name == MAIN_OBJECT_NAME {
+            continue;
+        }
+        match core.object_coming(platform, &name) {
+            Ok(()) => platform.objects.known(&name),
+            Err(e) => refused = Some(e),
+        }
+    }
+    refused
+}
