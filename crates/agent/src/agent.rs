@@ -2,6 +2,8 @@
 //! `klp_mutex`), the log, the shadow variables, and the thread that serves the control socket.
 //! The process has one, made by [`crate::start`]; everything below gets it passed in.
 
+#![forbid(unsafe_code)]
+
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -153,7 +155,10 @@ impl Agent {
     /// The program loaded or unloaded libraries: the module notifiers. Returns why a patch
     /// refused a library that came, which must then be unloaded again.
     pub fn objects_changed(&self) -> Option<ComingRefusal> {
-        let refused = notifier::sync_objects(&mut self.lock());
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let refused = notifier::sync_objects(&mut state.core, &mut state.platform);
+        drop(guard);
         if let Some(refusal) = &refused {
             self.log.agent(
                 livepatch_core::Level::Warn,

@@ -2,6 +2,8 @@
 //! them: a callback runs on the control thread while it holds the agent's lock, so the core
 //! cannot be asked; the callback is answered from the states the core handed over for it.
 
+#![forbid(unsafe_code)]
+
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI32, Ordering};
 

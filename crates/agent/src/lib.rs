@@ -42,7 +42,7 @@ static AGENT: OnceLock<Agent> = OnceLock::new();
 
 /// The agent, if it started. For the C edge only ([`ffi`]): C calls it without an agent in
 /// hand; all other code is passed the agent.
-pub(crate) fn agent() -> Option<&'static Agent> {
+pub(crate) fn current_agent() -> Option<&'static Agent> {
     AGENT.get()
 }
 

@@ -6,11 +6,18 @@
 //! name. A library enters it before its patch is enabled (the patch's callbacks run from it)
 //! and leaves it when it is unloaded; the core tells it when a patch is released.
 
-use livepatch_core::{EnableError, Errno, Livepatch};
+#![forbid(unsafe_code)]
+
+use livepatch_core::{EnableError, Errno, Livepatch, Platform};
 
 use crate::ffi::descriptor::Declaration;
 use crate::ffi::dl::{DlError, OpenPatch};
-use crate::platform::ProcessPlatform;
+
+/// A platform that keeps the patch libraries: their patches' callbacks run from them.
+pub trait HoldsLibraries: Platform {
+    /// The libraries.
+    fn libraries(&mut self) -> &mut PatchLibraries;
+}
 
 /// A patch library the agent loaded.
 #[derive(Debug)]
@@ -145,12 +152,12 @@ pub fn default_patch_name(path: &str) -> String {
 /// `insmod`: opens the library, reads its declaration and enables its patch (kernel:
 /// `klp_enable_patch` in the module's init). On any failure the library is closed again and
 /// nothing stays. Returns the patch's name.
-pub fn insmod(
+pub fn insmod<P: HoldsLibraries>(
     core: &mut Livepatch,
-    platform: &mut ProcessPlatform,
+    platform: &mut P,
     path: &str,
 ) -> Result<String, LibraryError> {
-    if let Some(lib) = platform.libraries.iter().find(|l| l.path == path) {
+    if let Some(lib) = platform.libraries().iter().find(|l| l.path == path) {
         return Err(LibraryError::PathLoaded {
             path: path.to_string(),
             patch: lib.name.clone(),
@@ -161,14 +168,14 @@ pub fn insmod(
             path: path.to_string(),
             source,
         })?;
-    if let Some(other) = platform.libraries.find(&desc.name) {
+    if let Some(other) = platform.libraries().find(&desc.name) {
         return Err(LibraryError::NameLoaded {
             patch: desc.name,
             path: other.path.clone(),
         });
     }
     // In the registry before the patch is enabled: its callbacks run from the library.
-    platform.libraries.libraries.push(PatchLibrary {
+    platform.libraries().libraries.push(PatchLibrary {
         name: desc.name.clone(),
         path: path.to_string(),
         active: true,
@@ -179,7 +186,10 @@ pub fn insmod(
         Ok(_) => Ok(desc.name),
         Err(source) => {
             // Closes the library: nothing of it is in use.
-            platform.libraries.libraries.retain(|l| l.name != desc.name);
+            platform
+                .libraries()
+                .libraries
+                .retain(|l| l.name != desc.name);
             Err(LibraryError::Refused {
                 patch: desc.name,
                 source,
@@ -189,12 +199,12 @@ pub fn insmod(
 }
 
 /// `rmmod`: closes the library of a patch that the core released and that was never forced.
-pub fn rmmod(
+pub fn rmmod<P: HoldsLibraries>(
     core: &Livepatch,
-    platform: &mut ProcessPlatform,
+    platform: &mut P,
     patch: &str,
 ) -> Result<(), LibraryError> {
-    let libraries = &mut platform.libraries.libraries;
+    let libraries = &mut platform.libraries().libraries;
     let Some(i) = libraries.iter().position(|l| l.name == patch) else {
         return Err(LibraryError::NoSuchPatch(patch.to_string()));
     };

@@ -3,6 +3,8 @@
 //! `LIVEPATCH_LOG=stderr` also on the process's standard error, one line
 //! per write, as it happens.
 
+#![forbid(unsafe_code)]
+
 use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::Mutex;

@@ -2,17 +2,18 @@
 //! link map since the core last heard are handed to `klp_module_coming` and
 //! `klp_module_going`, going ones first (their addresses may be reused by coming ones).
 
-use livepatch_core::{ComingError, MAIN_OBJECT_NAME};
+#![forbid(unsafe_code)]
 
-use crate::agent::AgentState;
+use livepatch_core::{ComingError, Livepatch, MAIN_OBJECT_NAME};
+
+use crate::platform::ProcessPlatform;
 
 /// A library a patch refused as it came: the program's `dlopen` of it must fail.
 pub type ComingRefusal = ComingError;
 
 /// Tells the core about the libraries that came and went. Returns why a coming library was
 /// refused, if one was; the caller must unload it again (and call this once more).
-pub fn sync_objects(state: &mut AgentState) -> Option<ComingRefusal> {
-    let AgentState { core, platform } = state;
+pub fn sync_objects(core: &mut Livepatch, platform: &mut ProcessPlatform) -> Option<ComingRefusal> {
     let (gone, new) = platform.objects.changes();
     for name in gone {
         core.object_going(platform, &name);

@@ -2,6 +2,8 @@
 //! name), what the core has been told about them, their symbol tables, and the snapshot of the
 //! link map and memory map one request works with.
 
+#![forbid(unsafe_code)]
+
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;

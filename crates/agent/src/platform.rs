@@ -2,6 +2,8 @@
 //! x86-64 layer, threads from `/proc/self/task` and their records, callbacks as real calls into
 //! the patch libraries. Each method of the trait hands the work to the module that owns it.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +18,7 @@ use livepatch_core::{
 
 use crate::callbacks::CallbackScope;
 use crate::check::{self, RoundInput};
-use crate::library::PatchLibraries;
+use crate::library::{HoldsLibraries, PatchLibraries};
 use crate::log::AgentLog;
 use crate::objects::ProcessObjects;
 use crate::sites::Sites;
@@ -89,6 +91,12 @@ impl ProcessPlatform {
             .chain(agent_code)
             .map(|(start, end)| (start as u64, end as u64))
             .collect()
+    }
+}
+
+impl HoldsLibraries for ProcessPlatform {
+    fn libraries(&mut self) -> &mut PatchLibraries {
+        &mut self.libraries
     }
 }
 
@@ -242,7 +250,7 @@ impl Platform for ProcessPlatform {
         let input = RoundInput {
             ranges,
             stacks,
-            unsafe_pcs: self.slow_path_code(),
+            no_switch_code: self.slow_path_code(),
             // Only after a round found a blocked thread: the scan alone clears idle threads, and
             // the walk is there to clear threads that the scan blocks on a stale word. Rebuilt
             // only when an object's unwind sections changed.

@@ -10,6 +10,8 @@
 //!    constructor or destructor deadlocks, as it does in the kernel.
 //! 4. The data itself is the caller's to lock; a block stays at its address until it is freed.
 
+#![forbid(unsafe_code)]
+
 use std::ptr::NonNull;
 use std::sync::{Mutex, RwLock};
 

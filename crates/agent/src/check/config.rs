@@ -21,7 +21,7 @@ pub struct CheckConfig {
     /// Writable mappings that may hold stacks, sorted by start.
     pub stacks: Vec<(u64, u64)>,
     /// Code where a thread must not be switched (slow paths, stubs, trampolines).
-    pub unsafe_pcs: Vec<(u64, u64)>,
+    pub no_switch_code: Vec<(u64, u64)>,
     /// The precise walk, when the control thread could build it.
     pub unwinder: Option<Arc<StackUnwinder>>,
 }

@@ -25,7 +25,7 @@ pub struct RoundInput<'a> {
     /// Writable mappings that may hold stacks.
     pub stacks: Vec<(u64, u64)>,
     /// Code where no thread may switch (slow paths of stubs).
-    pub unsafe_pcs: Vec<(u64, u64)>,
+    pub no_switch_code: Vec<(u64, u64)>,
     /// The precise walk over the loaded objects' unwind tables; without it every check is the
     /// conservative scan.
     pub unwinder: Option<Arc<StackUnwinder>>,
@@ -54,7 +54,7 @@ pub fn check_round(
         to,
         ranges: DisjointRanges::new(input.ranges),
         stacks,
-        unsafe_pcs: input.unsafe_pcs,
+        no_switch_code: input.no_switch_code,
         unwinder: input.unwinder,
     });
 

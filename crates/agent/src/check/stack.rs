@@ -45,7 +45,7 @@ pub fn check_stack(cfg: &CheckConfig, start: WalkStart) -> Verdict {
         // No instruction of the entered function ran: only its callers are on the stack.
         WalkStart::FunctionEntry { sp } => (0, sp),
     };
-    if cfg.unsafe_pcs.iter().any(|&(a, b)| pc >= a && pc < b) {
+    if cfg.no_switch_code.iter().any(|&(a, b)| pc >= a && pc < b) {
         return Verdict::Unreliable;
     }
     let Some(top) = mapping_end(&cfg.stacks, sp) else {
@@ -145,7 +145,7 @@ mod tests {
             to: ThreadState::IDLE,
             ranges: DisjointRanges::from_indexed(&[(range.0, range.1, 0)]),
             stacks,
-            unsafe_pcs: Vec::new(),
+            no_switch_code: Vec::new(),
             unwinder,
         }
     }

@@ -4,6 +4,8 @@
 //! - [`requests`]: each request of the protocol carried out on the agent.
 //! - [`status`]: the state of patches and threads, as `livepatch status` shows it.
 
+#![forbid(unsafe_code)]
+
 pub mod requests;
 pub mod server;
 pub mod status;

@@ -57,7 +57,7 @@ pub fn handle(agent: &Agent, command: Command) -> Response {
 fn load(state: &mut AgentState, path: &str) -> Response {
     let result = library::insmod(&mut state.core, &mut state.platform, path);
     // The library and its dependencies are new objects too (or went away again).
-    crate::notifier::sync_objects(state);
+    crate::notifier::sync_objects(&mut state.core, &mut state.platform);
     match result {
         Ok(name) => done(&name),
         Err(e) => refused(&e),

@@ -8,7 +8,9 @@
 //!    layout the header defines (`#[repr(C)]` mirrors below).
 //! 3. Strings are NUL-terminated C strings; invalid UTF-8 is refused with an
 //!    error, never read past the terminator.
-//! 4. Nothing here calls into the patch library.
+//! 4. Nothing here calls into the patch library but [`Declaration::call_object`] and
+//!    [`Declaration::call_state`]: a callback is read from the very object or state of a loaded
+//!    declaration it is called with, and called with the type the header declares for it.
 
 use std::ffi::{CStr, c_char, c_int, c_ulong, c_void};
 
@@ -393,7 +395,7 @@ impl Declaration {
             return 0;
         };
         // SAFETY: the callback was read from this very object of a loaded declaration.
-        unsafe { super::callbacks::call_object(kind, callback, object) }
+        unsafe { call_object(kind, callback, object) }
     }
 
     /// Runs the state's `kind` callback, if it declares one: `setup`'s result, 0 otherwise.
@@ -403,7 +405,7 @@ impl Declaration {
             return 0;
         };
         // SAFETY: the callback was read from this very state of a loaded declaration.
-        unsafe { super::callbacks::call_state(kind, callback, self.patch(), state) }
+        unsafe { call_state(kind, callback, self.patch(), state) }
     }
 }
 
@@ -423,6 +425,62 @@ unsafe fn count_states(patch: *const KlpPatch) -> usize {
         n += 1;
     }
     n
+}
+
+/// Calls a per-object callback with its object; the result of `pre_patch`, 0 for the others.
+///
+/// # Safety
+/// `callback` is the `kind` callback of `object`, which belongs to a loaded patch library.
+unsafe fn call_object(
+    kind: ObjectCallbackKind,
+    callback: CallbackId,
+    object: *mut KlpObject,
+) -> i32 {
+    let function = callback as usize;
+    match kind {
+        ObjectCallbackKind::PrePatch => {
+            // SAFETY: the caller's promise: the handle is a pre_patch pointer.
+            let f: ObjectCallbackFn = unsafe { std::mem::transmute(function) };
+            // SAFETY: a C callback of the patch library, called as livepatch.h declares.
+            unsafe { f(object) }
+        }
+        _ => {
+            // SAFETY: the other object callbacks return nothing.
+            let f: ObjectVoidCallbackFn = unsafe { std::mem::transmute(function) };
+            // SAFETY: as above.
+            unsafe { f(object) };
+            0
+        }
+    }
+}
+
+/// Calls a per-state callback with its patch and state; the result of `setup`, 0 for the
+/// others.
+///
+/// # Safety
+/// `callback` is the `kind` callback of `state`, a state of `patch`, whose library is loaded.
+unsafe fn call_state(
+    kind: StateCallbackKind,
+    callback: CallbackId,
+    patch: *mut KlpPatch,
+    state: *mut KlpState,
+) -> i32 {
+    let function = callback as usize;
+    match kind {
+        StateCallbackKind::Setup => {
+            // SAFETY: the caller's promise: the handle is a setup pointer.
+            let f: StateCallbackFn = unsafe { std::mem::transmute(function) };
+            // SAFETY: a C callback of the patch library, called as livepatch.h declares.
+            unsafe { f(patch, state) }
+        }
+        _ => {
+            // SAFETY: the other state callbacks return nothing.
+            let f: StateVoidCallbackFn = unsafe { std::mem::transmute(function) };
+            // SAFETY: as above.
+            unsafe { f(patch, state) };
+            0
+        }
+    }
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ fn ptr_or_null(p: Option<std::ptr::NonNull<u8>>) -> *mut c_void {
 /// `klp_shadow_get`.
 #[unsafe(no_mangle)]
 pub extern "C" fn klp_shadow_get(obj: *mut c_void, id: c_ulong) -> *mut c_void {
-    let Some(agent) = crate::agent() else {
+    let Some(agent) = crate::current_agent() else {
         return std::ptr::null_mut();
     };
     ptr_or_null(agent.shadow().get(obj as usize, id))
@@ -40,7 +40,7 @@ fn alloc(
     ctor_data: *mut c_void,
     get_or_alloc: bool,
 ) -> *mut c_void {
-    let Some(agent) = crate::agent() else {
+    let Some(agent) = crate::current_agent() else {
         return std::ptr::null_mut();
     };
     let mut call = |o: usize, data: ShadowData<'_>| -> i32 {
@@ -99,7 +99,9 @@ fn dtor_call(dtor: Option<ShadowDtorFn>) -> impl FnMut(usize, ShadowData<'_>) {
 /// `klp_shadow_free`.
 #[unsafe(no_mangle)]
 pub extern "C" fn klp_shadow_free(obj: *mut c_void, id: c_ulong, dtor: Option<ShadowDtorFn>) {
-    let Some(agent) = crate::agent() else { return };
+    let Some(agent) = crate::current_agent() else {
+        return;
+    };
     let mut call = dtor_call(dtor);
     agent
         .shadow()
@@ -109,7 +111,9 @@ pub extern "C" fn klp_shadow_free(obj: *mut c_void, id: c_ulong, dtor: Option<Sh
 /// `klp_shadow_free_all`.
 #[unsafe(no_mangle)]
 pub extern "C" fn klp_shadow_free_all(id: c_ulong, dtor: Option<ShadowDtorFn>) {
-    let Some(agent) = crate::agent() else { return };
+    let Some(agent) = crate::current_agent() else {
+        return;
+    };
     let mut call = dtor_call(dtor);
     agent.shadow().free_all(id, dtor.map(|_| &mut call as _));
 }
@@ -148,7 +152,7 @@ pub unsafe extern "C" fn klp_get_state(patch: *mut KlpPatch, id: c_ulong) -> *mu
 /// the one in transition, or NULL (with a warning outside a transition).
 #[unsafe(no_mangle)]
 pub extern "C" fn klp_get_prev_state(id: c_ulong) -> *mut KlpState {
-    crate::agent()
+    crate::current_agent()
         .and_then(|agent| agent.prev_state(id))
         .unwrap_or(std::ptr::null_mut())
 }
@@ -168,7 +172,9 @@ pub unsafe extern "C" fn klp_log_line(line: *const c_char) {
     if line.is_null() {
         return;
     }
-    let Some(agent) = crate::agent() else { return };
+    let Some(agent) = crate::current_agent() else {
+        return;
+    };
     // SAFETY: a NUL-terminated string by the caller's contract.
     let text = unsafe { CStr::from_ptr(line) }.to_string_lossy();
     agent.log().patch_line(text.trim_end_matches('\n'));

@@ -46,7 +46,7 @@ pub unsafe extern "C" fn dlopen(filename: *const c_char, flags: c_int) -> *mut c
     if handle.is_null() {
         return handle;
     }
-    let Some(agent) = crate::agent().filter(|a| !a.is_control_thread()) else {
+    let Some(agent) = crate::current_agent().filter(|a| !a.is_control_thread()) else {
         return handle;
     };
     let Some(refusal) = agent.objects_changed() else {
@@ -94,7 +94,7 @@ pub unsafe extern "C" fn dlerror() -> *mut c_char {
 pub unsafe extern "C" fn dlclose(handle: *mut c_void) -> c_int {
     // SAFETY: forwarding the caller's argument unchanged (rule 1).
     let r = unsafe { real_dlclose()(handle) };
-    if let Some(agent) = crate::agent().filter(|a| !a.is_control_thread()) {
+    if let Some(agent) = crate::current_agent().filter(|a| !a.is_control_thread()) {
         agent.objects_changed();
     }
     r

@@ -1,18 +1,19 @@
 //! The C edge of the agent: everything that crosses into or out of C code.
 //!
 //! - [`descriptor`]: the structures of `livepatch.h` a patch declares, read into the core's
-//!   descriptors; [`callbacks`]: calling the callbacks they declare.
+//!   descriptors, and the callbacks they declare, called.
 //! - [`dl`]: the dynamic linker (patch libraries, the next definitions of interposed calls).
 //! - [`exports`]: the functions `livepatch.h` declares for patch code.
 //! - [`interpose`]: `dlopen`, `dlclose`, `dlerror` and `pthread_create` as the program sees them.
-//! - [`process`]: the preloaded agent's start before `main`, and its clean-up at exit.
+//! - [`preload`]: the preloaded agent's start before `main`.
+//! - [`process`]: the agent's thread without the program's signals, and its clean-up at exit.
 //!
-//! Only the functions of `exports`, `interpose` and `process`, which C calls with no agent in
-//! hand, find the agent through [`crate::agent`]; everything below them is passed the agent.
+//! Only the functions of `exports`, `interpose` and `preload`, which C calls with no agent in
+//! hand, find the agent through [`crate::current_agent`]; everything below them is passed the agent.
 
-pub mod callbacks;
 pub mod descriptor;
 pub mod dl;
 pub mod exports;
 pub mod interpose;
+pub mod preload;
 pub mod process;

@@ -1,27 +1,14 @@
-//! The process around the agent: its start when the library was preloaded (an `.init_array`
-//! entry, before `main` runs) and the removal of its socket when the process exits normally.
+//! The process around the agent: the agent's own thread, which receives none of the program's
+//! signals, and the removal of its socket when the process exits normally.
 //!
-//! Safety model of this module: the constructor and the exit handler are `extern "C"`
-//! functions without arguments that live as long as the process; the socket path they unlink
-//! is a C string set once.
+//! Safety model of this module: signal sets are plain data of our own, and masks change only
+//! the calling thread's, restored at once; the exit handler is an `extern "C"` function
+//! without arguments that lives as long as the process, and the socket path it unlinks is a C
+//! string set once.
 
 use std::ffi::CString;
 use std::path::Path;
 use std::sync::OnceLock;
-
-/// Starts the agent when this library was preloaded, before `main` runs.
-extern "C" fn start_when_preloaded() {
-    super::dl::resolve_next_definitions();
-    let preloaded = std::env::var_os("LD_PRELOAD")
-        .is_some_and(|v| v.to_string_lossy().contains("liblivepatch_agent"));
-    if preloaded && let Err(e) = crate::start() {
-        eprintln!("livepatch: agent not started: {e}");
-    }
-}
-
-#[used]
-#[unsafe(link_section = ".init_array")]
-static START_WHEN_PRELOADED: extern "C" fn() = start_when_preloaded;
 
 static SOCKET: OnceLock<CString> = OnceLock::new();
 
