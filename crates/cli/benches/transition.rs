@@ -15,115 +15,34 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use support::{Cc, Profile, VALUE_PATCH, build_agent, path_str, scratch, wait_for_socket};
+
 const RUNS: usize = 7;
 
-/// Idle threads blocked in `read` on a pipe nobody writes, busy ones spinning outside any
-/// patched function, and a main thread answering commands.
-const THREADS_PROGRAM: &str = r#"
-#include <pthread.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <unistd.h>
-static int never[2];
-static volatile int stop;
-__attribute__((noinline, noipa)) int value(void) { return 1; }
-__attribute__((noinline, noipa)) static unsigned long mix(unsigned long x) { return x * 6364136223846793005ul + 1; }
-static void *idle(void *arg) { char c; (void)arg; return (void *)(long)read(never[0], &c, 1); }
-static void *busy(void *arg) { unsigned long x = (unsigned long)arg; while (!stop) x = mix(x); return (void *)x; }
-int main(int argc, char **argv) {
-    int idle_count = atoi(argv[1]), busy_count = atoi(argv[2]);
-    pthread_attr_t attr;
-    pthread_t t;
-    char line[64];
-    setvbuf(stdout, NULL, _IOLBF, 0);
-    if (pipe(never)) return 1;
-    pthread_attr_init(&attr);
-    pthread_attr_setstacksize(&attr, 64 * 1024);
-    for (int i = 0; i < idle_count; i++)
-        if (pthread_create(&t, &attr, idle, NULL)) { perror("pthread_create"); return 1; }
-    for (int i = 0; i < busy_count; i++)
-        if (pthread_create(&t, &attr, busy, (void *)(long)i)) { perror("pthread_create"); return 1; }
-    puts("ready");
-    while (fgets(line, sizeof line, stdin))
-        if (!strncmp(line, "value", 5)) printf("value %d\n", value());
-    return 0;
-}
-"#;
-
-const VALUE_PATCH: &str = r#"
-#include <livepatch.h>
-static int new_value(void) { return 2; }
-static struct klp_func funcs[] = { { .old_name = "value", .new_func = new_value }, { } };
-static struct klp_object objs[] = { { .name = NULL, .funcs = funcs }, { } };
-static struct klp_patch patch = { .objs = objs };
-KLP_PATCH(patch);
-"#;
-
-fn scratch() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("livepatch-bench-{}", std::process::id()));
-    std::fs::create_dir_all(dir.join("sockets")).unwrap();
-    dir
+/// The C of the bench, in `benches/fixtures`.
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("benches/fixtures")
+        .join(name)
 }
 
-fn release_agent() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "-q", "--release", "-p", "livepatch-agent"])
-        .current_dir(WORKSPACE)
-        .status()
-        .expect("cargo runs");
-    assert!(status.success(), "building the agent failed");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| Path::new(WORKSPACE).join("target"), PathBuf::from);
-    target.join("release/liblivepatch_agent.so")
-}
-
-fn compile(name: &str, source: &str, shared: bool) -> PathBuf {
-    let dir = scratch();
-    let src = dir.join(format!("{name}.c"));
-    std::fs::write(&src, source).unwrap();
-    let out = dir.join(if shared {
-        format!("{name}.so")
-    } else {
-        name.to_string()
-    });
-    let mut cc = Command::new("cc");
-    cc.args(["-O2", "-pthread", "-o"]).arg(&out).arg(&src);
-    cc.arg(format!("-I{WORKSPACE}/include"));
-    if shared {
-        cc.args(["-shared", "-fPIC"]);
-    } else {
-        cc.arg("-rdynamic");
-    }
-    assert!(cc.status().expect("cc").success(), "compiling {name}");
-    out
-}
+/// The bench's builds: the code as it ships, without debug information.
+const FLAGS: [&str; 2] = ["-O2", "-pthread"];
 
 /// A program with `count` patchable functions, and a patch replacing all of them.
 fn many_functions(count: usize) -> (PathBuf, PathBuf) {
-    // The volatile read makes each function long enough for a jump (5 bytes), as real ones are.
-    let mut program =
-        String::from("#include <stdio.h>\n#include <string.h>\nvolatile int offset;\n");
-    let mut patch = String::from("#include <livepatch.h>\n");
-    for i in 0..count {
-        program += &format!(
-            "__attribute__((noinline, noipa)) int f{i}(int x) {{ return x + offset + {i}; }}\n"
-        );
-        patch += &format!("static int new_f{i}(int x) {{ return -x - {i}; }}\n");
-    }
-    program += "int main(void) { char line[64]; setvbuf(stdout, NULL, _IOLBF, 0); puts(\"ready\");\n\
-                while (fgets(line, sizeof line, stdin)) printf(\"%d\\n\", f0(1)); return 0; }\n";
-    patch += "static struct klp_func funcs[] = {\n";
-    for i in 0..count {
-        patch += &format!("{{ .old_name = \"f{i}\", .new_func = new_f{i} }},\n");
-    }
-    patch += "{ } };\nstatic struct klp_object objs[] = { { .name = NULL, .funcs = funcs }, { } };\n\
-              static struct klp_patch patch = { .objs = objs };\nKLP_PATCH(patch);\n";
+    // The fixtures define one function for each FUNCTION(N) line of this list.
+    let list = scratch().join(format!("functions-{count}.h"));
+    let lines: String = (0..count).map(|i| format!("FUNCTION({i})\n")).collect();
+    std::fs::write(&list, lines).unwrap();
+    let with_list = |cc: Cc| cc.flags(&FLAGS).define_string("FUNCTIONS", path_str(&list));
     (
-        compile(&format!("functions-{count}"), &program, false),
-        compile(&format!("livepatch-functions-{count}"), &patch, true),
+        with_list(Cc::program(fixture("many-functions.c"))).build(&format!("functions-{count}")),
+        with_list(Cc::library(fixture("many-functions-patch.c")))
+            .build(&format!("livepatch-functions-{count}")),
     )
 }
 
@@ -150,12 +69,7 @@ impl Target {
             child,
         };
         assert_eq!(target.line(), "ready");
-        let socket = scratch()
-            .join("sockets")
-            .join(format!("{}.sock", target.child.id()));
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            std::thread::yield_now();
-        }
+        wait_for_socket(&target.pid());
         target
     }
 
@@ -250,9 +164,13 @@ fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` runs benches as tests: then one
     // small case only, so the bench cannot rot.
     let quick = !std::env::args().any(|a| a == "--bench");
-    let agent = release_agent();
-    let threads_program = compile("threads", THREADS_PROGRAM, false);
-    let value_patch = compile("livepatch-value", VALUE_PATCH, true);
+    let agent = build_agent(Profile::Release);
+    let threads_program = Cc::program(fixture("threads.c"))
+        .flags(&FLAGS)
+        .build("threads");
+    let value_patch = Cc::library(VALUE_PATCH)
+        .flags(&FLAGS)
+        .build("livepatch-value");
     let value_probe = ("value", "value 1", "value 2");
 
     println!("median of {RUNS} runs; baseline: `livepatch status` on the same process");

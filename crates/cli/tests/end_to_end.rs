@@ -3,25 +3,15 @@
 
 mod support;
 
-use support::{BUSY_PATCH, BUSY_SERVICE, Target, cli, compile, stderr, stdout};
-
-const PATCH_MISSING: &str = r#"
-#include <livepatch.h>
-static int new_value(void) { return 3; }
-static struct klp_func funcs[] = {
-    { .old_name = "value", .new_func = new_value },
-    { .old_name = "no_such_function", .new_func = new_value },
-    { }
+use support::{
+    BUSY_PATCH, BUSY_SERVICE, MISSING_FUNCTION_PATCH, Target, cli, library, program, status_json,
+    stderr, stdout,
 };
-static struct klp_object objs[] = { { .name = NULL, .funcs = funcs }, { } };
-static struct klp_patch patch = { .objs = objs };
-KLP_PATCH(patch);
-"#;
 
 #[test]
 fn a_patch_loads_switches_every_thread_and_unloads_with_the_kernel_log_lines() {
-    let program = compile("service_basic", BUSY_SERVICE, false);
-    let patch = compile("livepatch-value", BUSY_PATCH, true);
+    let program = program("service_basic", BUSY_SERVICE);
+    let patch = library("livepatch-value", BUSY_PATCH);
     let mut target = Target::start(&program);
     let pid = target.pid();
     target.send("value");
@@ -32,8 +22,7 @@ fn a_patch_loads_switches_every_thread_and_unloads_with_the_kernel_log_lines() {
     target.send("value");
     target.expect("value 2");
 
-    let status = cli(&["status", &pid, "--json"]);
-    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let json = status_json(&pid);
     let patch_status = &json["patches"][0];
     assert_eq!(patch_status["name"], "livepatch-value");
     assert_eq!(patch_status["enabled"], true);
@@ -65,8 +54,8 @@ fn a_patch_loads_switches_every_thread_and_unloads_with_the_kernel_log_lines() {
 
 #[test]
 fn a_thread_inside_a_patched_function_holds_the_transition_until_forced() {
-    let program = compile("service_busy", BUSY_SERVICE, false);
-    let patch = compile("livepatch-busy", BUSY_PATCH, true);
+    let program = program("service_busy", BUSY_SERVICE);
+    let patch = library("livepatch-busy", BUSY_PATCH);
     let mut target = Target::start(&program);
     let pid = target.pid();
     target.send("worker");
@@ -79,8 +68,7 @@ fn a_thread_inside_a_patched_function_holds_the_transition_until_forced() {
     target.send("value");
     target.expect("value 2");
 
-    let status = cli(&["status", &pid, "--json"]);
-    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let json = status_json(&pid);
     assert_eq!(json["transition"]["patch"], "livepatch-busy");
     let blocked: Vec<_> = json["threads"]
         .as_array()
@@ -108,8 +96,7 @@ fn a_thread_inside_a_patched_function_holds_the_transition_until_forced() {
     let force = cli(&["force", &pid, "livepatch-busy"]);
     assert!(force.status.success(), "{}", stderr(&force));
     target.expect("livepatch: 'livepatch-busy': unpatching complete");
-    let status = cli(&["status", &pid, "--json"]);
-    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let json = status_json(&pid);
     assert_eq!(json["transition"], serde_json::Value::Null, "{json}");
     assert_eq!(json["unloadable"][0]["forced"], true, "{json}");
     let unload = cli(&["unload", &pid, "livepatch-busy"]);
@@ -128,8 +115,8 @@ fn a_thread_inside_a_patched_function_holds_the_transition_until_forced() {
 
 #[test]
 fn a_patch_naming_a_missing_function_is_refused_and_changes_nothing() {
-    let program = compile("service_refused", BUSY_SERVICE, false);
-    let patch = compile("livepatch-missing", PATCH_MISSING, true);
+    let program = program("service_refused", BUSY_SERVICE);
+    let patch = library("livepatch-missing", MISSING_FUNCTION_PATCH);
     let mut target = Target::start(&program);
     let pid = target.pid();
     let load = cli(&["load", &pid, patch.to_str().unwrap()]);
@@ -141,8 +128,7 @@ fn a_patch_naming_a_missing_function_is_refused_and_changes_nothing() {
     );
     target.send("value");
     target.expect("value 1");
-    let status = cli(&["status", &pid, "--json"]);
-    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let json = status_json(&pid);
     assert_eq!(json["patches"], serde_json::json!([]), "{json}");
     let list = cli(&["list", &pid]);
     assert!(stdout(&list).contains(&pid), "{}", stdout(&list));

@@ -13,113 +13,18 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use livepatch_protocol as protocol;
-use support::{Target, cli, compile, scratch, status_json, stderr, stdout};
+use support::{
+    Cc, MISSING_FUNCTION_PATCH, Target, VALUE_PATCH, agent_log, cli, library, patch_names,
+    path_str, program, scratch, socket, status_json, stderr, stdout,
+};
 
 const ENOMEM: i32 = 12;
 const EBUSY: i32 = 16;
 const ENODEV: i32 = 19;
 const EINVAL: i32 = 22;
 
-/// What every test program starts with: a table of functions the test can call and whose
-/// first bytes it can read, by name.
-const HEAD: &str = r#"
-#include <dlfcn.h>
-#include <pthread.h>
-#include <stdio.h>
-#include <string.h>
-#define KEEP __attribute__((noinline, noipa))
-typedef int (*int_fn)(void);
-struct entry { const char *name; int_fn call; const void *code; };
-static struct entry entries[16];
-static int n_entries;
-static void add(const char *name, int_fn call, const void *code) {
-    entries[n_entries++] = (struct entry){ name, call, code };
-}
-static int setup(int argc, char **argv);
-static int command(const char *line);
-"#;
-
-/// The command loop: `call NAME` prints `call NAME = RESULT`, `bytes NAME` prints
-/// `bytes NAME HEX` (the first 16 bytes of the function's code); other commands go to the
-/// program's own `command`.
-const MAIN: &str = r#"
-/* Code addresses are handled only in these callees, never kept in main's frame: the agent
-   scans the stacks of threads for words that point into functions being patched. */
-static KEEP void print_call(const char *name, int_fn call) {
-    printf("call %s = %d\n", name, call());
-}
-static KEEP void print_code(const char *name, const unsigned char *code) {
-    printf("bytes %s ", name);
-    for (int b = 0; b < 16; b++) printf("%02x", code[b]);
-    putchar('\n');
-}
-int main(int argc, char **argv) {
-    char line[256];
-    setvbuf(stdout, NULL, _IOLBF, 0);
-    if (setup(argc, argv)) return 1;
-    puts("ready");
-    while (fgets(line, sizeof line, stdin)) {
-        line[strcspn(line, "\n")] = 0;
-        int done = command(line);
-        for (int i = 0; !done && i < n_entries; i++) {
-            if (!strncmp(line, "call ", 5) && !strcmp(line + 5, entries[i].name) && entries[i].call) {
-                print_call(entries[i].name, entries[i].call);
-                done = 1;
-            } else if (!strncmp(line, "bytes ", 6) && !strcmp(line + 6, entries[i].name)) {
-                print_code(entries[i].name, entries[i].code);
-                done = 1;
-            }
-        }
-        if (!done) printf("unknown command: %s\n", line);
-    }
-    return 0;
-}
-"#;
-
 /// Two functions in the main program.
-const BASIC: &str = r#"
-KEEP int value(void) { return 1; }
-KEEP int other(void) { return 7; }
-static int setup(int argc, char **argv) {
-    (void)argc; (void)argv;
-    add("value", value, (const void *)value);
-    add("other", other, (const void *)other);
-    return 0;
-}
-static int command(const char *line) { (void)line; return 0; }
-"#;
-
-/// `value` becomes 2.
-const PATCH_VALUE: &str = r#"
-#include <livepatch.h>
-static int new_value(void) { return 2; }
-static struct klp_func funcs[] = { { .old_name = "value", .new_func = new_value }, { } };
-static struct klp_object objs[] = { { .name = NULL, .funcs = funcs }, { } };
-static struct klp_patch patch = { .objs = objs };
-KLP_PATCH(patch);
-"#;
-
-fn program(name: &str, body: &str) -> PathBuf {
-    compile(name, &format!("{HEAD}{body}{MAIN}"), false)
-}
-
-/// A program linked from several C files (`compile` takes one), as the kernel sees a module
-/// built from several files with static functions of the same name.
-fn program_from_files(name: &str, files: &[(&str, &str)]) -> PathBuf {
-    let dir = scratch();
-    let out = dir.join(name);
-    let mut cc = std::process::Command::new("cc");
-    cc.args(["-rdynamic", "-O2", "-g", "-pthread", "-o"])
-        .arg(&out);
-    for (file, source) in files {
-        let path = dir.join(format!("{name}-{file}.c"));
-        std::fs::write(&path, source).unwrap();
-        cc.arg(path);
-    }
-    let status = cc.status().expect("cc runs");
-    assert!(status.success(), "compiling {name}");
-    out
-}
+const BASIC: &str = "refusals/basic.c";
 
 /// The GNU build id of an ELF file, as `readelf -n` prints it.
 fn build_id(file: &Path) -> String {
@@ -132,10 +37,6 @@ fn build_id(file: &Path) -> String {
         .lines()
         .find_map(|l| l.trim().strip_prefix("Build ID: ").map(str::to_owned))
         .unwrap_or_else(|| panic!("{} has no build id", file.display()))
-}
-
-fn path_str(path: &Path) -> &str {
-    path.to_str().expect("UTF-8 path")
 }
 
 fn load(pid: &str, patch: &Path) -> Output {
@@ -201,19 +102,10 @@ fn snapshot(target: &mut Target, calls: &[&str], code_of: &[&str]) -> Snapshot {
     }
 }
 
-/// The agent's log (`livepatch log`): core lines, agent lines and the lines patch code wrote,
-/// in order, complete when a request has been answered.
-fn agent_log(pid: &str) -> Vec<String> {
-    let out = cli(&["log", pid]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    stdout(&out).lines().map(str::to_owned).collect()
-}
-
 /// Sends `command` straight to the agent and returns the errno and message of its refusal;
 /// the command prints only the message, and the errno is part of the kernel's contract.
 fn refusal_errno(pid: &str, command: protocol::Command) -> (i32, String) {
-    let socket = scratch().join("sockets").join(format!("{pid}.sock"));
-    let mut stream = UnixStream::connect(&socket).expect("agent socket");
+    let mut stream = UnixStream::connect(socket(pid)).expect("agent socket");
     let mut line = serde_json::to_string(&protocol::Request::new(command.clone())).unwrap();
     line.push('\n');
     stream.write_all(line.as_bytes()).unwrap();
@@ -232,35 +124,13 @@ fn load_request(patch: &Path) -> protocol::Command {
     }
 }
 
-fn patch_names(status: &serde_json::Value) -> Vec<String> {
-    status["patches"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["name"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 // 1. Missing symbols.
-
-const PATCH_MISSING_IN_MAIN: &str = r#"
-#include <livepatch.h>
-static int new_value(void) { return 3; }
-static struct klp_func funcs[] = {
-    { .old_name = "value", .new_func = new_value },
-    { .old_name = "no_such_function", .new_func = new_value },
-    { }
-};
-static struct klp_object objs[] = { { .name = NULL, .funcs = funcs }, { } };
-static struct klp_patch patch = { .objs = objs };
-KLP_PATCH(patch);
-"#;
 
 #[test]
 fn a_function_missing_from_the_program_is_refused_before_anything_is_written() {
     let program = program("refuse_missing_main_prog", BASIC);
-    let bad = compile("refuse-missing-main", PATCH_MISSING_IN_MAIN, true);
-    let fix = compile("refuse-missing-main-fix", PATCH_VALUE, true);
+    let bad = library("refuse-missing-main", MISSING_FUNCTION_PATCH);
+    let fix = library("refuse-missing-main-fix", VALUE_PATCH);
     let mut target = Target::start(&program);
     let pid = target.pid();
     let before = snapshot(&mut target, &["value", "other"], &["value"]);
@@ -292,57 +162,27 @@ fn a_function_missing_from_the_program_is_refused_before_anything_is_written() {
     assert_eq!(call(&mut target, "value"), "call value = 2");
 }
 
-const TARGET_LIBRARY: &str = r#"
-__attribute__((noinline, noipa)) int lib_value(void) { return 10; }
-__attribute__((noinline, noipa)) int lib_other(void) { return 11; }
-"#;
+/// `lib_value` and `lib_other`.
+const TARGET_LIBRARY: &str = "refusals/target-library.c";
 
 /// Opens the library `argv[1]` before it is ready, so the library is there when patches come.
-const LIBRARY_HOST: &str = r#"
-KEEP int value(void) { return 1; }
-static int setup(int argc, char **argv) {
-    if (argc < 2) { puts("usage: host LIBRARY"); return 1; }
-    void *lib = dlopen(argv[1], RTLD_NOW);
-    if (!lib) { printf("dlopen failed: %s\n", dlerror()); return 1; }
-    int_fn lib_value = (int_fn)dlsym(lib, "lib_value");
-    int_fn lib_other = (int_fn)dlsym(lib, "lib_other");
-    if (!lib_value || !lib_other) { puts("library symbols missing"); return 1; }
-    add("value", value, (const void *)value);
-    add("lib_value", lib_value, (const void *)lib_value);
-    add("lib_other", lib_other, (const void *)lib_other);
-    return 0;
-}
-static int command(const char *line) { (void)line; return 0; }
-"#;
+const LIBRARY_HOST: &str = "refusals/library-host.c";
 
-const PATCH_MISSING_IN_LIBRARY: &str = r#"
-#include <livepatch.h>
-static int new_lib_value(void) { return 12; }
-static struct klp_func funcs[] = {
-    { .old_name = "lib_value", .new_func = new_lib_value },
-    { .old_name = "lib_no_such_function", .new_func = new_lib_value },
-    { }
-};
-static struct klp_object objs[] = { { .name = "refuse_missing_lib_target.so", .funcs = funcs }, { } };
-static struct klp_patch patch = { .objs = objs };
-KLP_PATCH(patch);
-"#;
+const PATCH_MISSING_IN_LIBRARY: &str = "refusals/missing-in-library-patch.c";
 
-const PATCH_LIBRARY_VALUE: &str = r#"
-#include <livepatch.h>
-static int new_lib_value(void) { return 12; }
-static struct klp_func funcs[] = { { .old_name = "lib_value", .new_func = new_lib_value }, { } };
-static struct klp_object objs[] = { { .name = "refuse_missing_lib_target.so", .funcs = funcs }, { } };
-static struct klp_patch patch = { .objs = objs };
-KLP_PATCH(patch);
-"#;
+/// `lib_value` of the library `LIBRARY` becomes `VALUE` (defines), in the build `BUILD_ID` if
+/// defined.
+const PATCH_LIBRARY_VALUE: &str = "refusals/library-value-patch.c";
 
 #[test]
 fn a_function_missing_from_a_named_library_is_refused_naming_the_library() {
-    let library = compile("refuse_missing_lib_target", TARGET_LIBRARY, true);
+    let library = Cc::library(TARGET_LIBRARY).build("refuse_missing_lib_target");
     let program = program("refuse_missing_lib_prog", LIBRARY_HOST);
-    let bad = compile("refuse-missing-lib", PATCH_MISSING_IN_LIBRARY, true);
-    let fix = compile("refuse-missing-lib-fix", PATCH_LIBRARY_VALUE, true);
+    let bad = Cc::library(PATCH_MISSING_IN_LIBRARY).build("refuse-missing-lib");
+    let fix = Cc::library(PATCH_LIBRARY_VALUE)
+        .define_string("LIBRARY", "refuse_missing_lib_target.so")
+        .define("VALUE", 12)
+        .build("refuse-missing-lib-fix");
     let mut target = Target::start_with(&program, &[path_str(&library)], "ready");
     let pid = target.pid();
     let functions = ["value", "lib_value", "lib_other"];
@@ -367,65 +207,27 @@ fn a_function_missing_from_a_named_library_is_refused_naming_the_library() {
 
 // 2. Ambiguous symbols.
 
-const DUPLICATE_A: &str = r#"
-static __attribute__((noinline, noipa)) int helper(void) { return 10; }
-int call_a(void) { return helper(); }
-void *helper_a(void) { return (void *)helper; }
-"#;
+const DUPLICATE_A: &str = "refusals/duplicate-a.c";
 
-const DUPLICATE_B: &str = r#"
-static __attribute__((noinline, noipa)) int helper(void) { return 20; }
-int call_b(void) { return helper(); }
-void *helper_b(void) { return (void *)helper; }
-"#;
+const DUPLICATE_B: &str = "refusals/duplicate-b.c";
 
-const DUPLICATE_MAIN: &str = r#"
-int call_a(void);
-int call_b(void);
-void *helper_a(void);
-void *helper_b(void);
-static int setup(int argc, char **argv) {
-    (void)argc; (void)argv;
-    add("call_a", call_a, (const void *)call_a);
-    add("call_b", call_b, (const void *)call_b);
-    add("helper_a", NULL, helper_a());
-    add("helper_b", NULL, helper_b());
-    return 0;
-}
-static int command(const char *line) { (void)line; return 0; }
-"#;
+const DUPLICATE_MAIN: &str = "refusals/duplicate-main.c";
 
 /// `helper` at symbol position SYMPOS becomes 99.
-const PATCH_HELPER: &str = r#"
-#include <livepatch.h>
-static int new_helper(void) { return 99; }
-static struct klp_func funcs[] = {
-    { .old_name = "helper", .new_func = new_helper, .old_sympos = SYMPOS },
-    { }
-};
-static struct klp_object objs[] = { { .name = NULL, .funcs = funcs }, { } };
-static struct klp_patch patch = { .objs = objs };
-KLP_PATCH(patch);
-"#;
+const PATCH_HELPER: &str = "refusals/helper-patch.c";
 
 /// main.c, a.c, b.c in this order: a.c's `helper` is first in the symbol table.
 fn duplicate_program(name: &str) -> PathBuf {
-    program_from_files(
-        name,
-        &[
-            ("main", &format!("{HEAD}{DUPLICATE_MAIN}{MAIN}")),
-            ("a", DUPLICATE_A),
-            ("b", DUPLICATE_B),
-        ],
-    )
+    Cc::program(DUPLICATE_MAIN)
+        .source(DUPLICATE_A)
+        .source(DUPLICATE_B)
+        .build(name)
 }
 
 fn helper_patch(name: &str, sympos: u32) -> PathBuf {
-    compile(
-        name,
-        &PATCH_HELPER.replace("SYMPOS", &sympos.to_string()),
-        true,
-    )
+    Cc::library(PATCH_HELPER)
+        .define("SYMPOS", sympos)
+        .build(name)
 }
 
 const DUPLICATE_CALLS: [&str; 2] = ["call_a", "call_b"];
@@ -513,29 +315,16 @@ fn an_old_sympos_past_the_last_match_is_refused() {
 
 const FAKE_BUILD_ID: &str = "deadbeefdeadbeefdeadbeefdeadbeefdeadbeef";
 
-const PATCH_VALUE_FOR_BUILD: &str = r#"
-#include <livepatch.h>
-static int new_value(void) { return 2; }
-static struct klp_func funcs[] = { { .old_name = "value", .new_func = new_value }, { } };
-static struct klp_object objs[] = { { .name = NULL, .funcs = funcs, .build_id = "BUILD_ID" }, { } };
-static struct klp_patch patch = { .objs = objs };
-KLP_PATCH(patch);
-"#;
-
 #[test]
 fn a_patch_written_for_another_build_of_the_program_is_refused_naming_both_ids() {
     let program = program("refuse_build_prog", BASIC);
     let real_id = build_id(&program);
-    let bad = compile(
-        "refuse-build-wrong",
-        &PATCH_VALUE_FOR_BUILD.replace("BUILD_ID", FAKE_BUILD_ID),
-        true,
-    );
-    let fix = compile(
-        "refuse-build-right",
-        &PATCH_VALUE_FOR_BUILD.replace("BUILD_ID", &real_id),
-        true,
-    );
+    let bad = Cc::library(VALUE_PATCH)
+        .define_string("BUILD_ID", FAKE_BUILD_ID)
+        .build("refuse-build-wrong");
+    let fix = Cc::library(VALUE_PATCH)
+        .define_string("BUILD_ID", &real_id)
+        .build("refuse-build-right");
     let mut target = Target::start(&program);
     let pid = target.pid();
     let before = snapshot(&mut target, &["value", "other"], &["value"]);
@@ -556,64 +345,24 @@ fn a_patch_written_for_another_build_of_the_program_is_refused_naming_both_ids()
 
 /// Opens the library `argv[1]` only when told: `load`, and `loaded?` to ask the dynamic
 /// linker whether it is there.
-const LATER_HOST: &str = r#"
-KEEP int value(void) { return 1; }
-static const char *library;
-static int setup(int argc, char **argv) {
-    if (argc < 2) { puts("usage: host LIBRARY"); return 1; }
-    library = argv[1];
-    add("value", value, (const void *)value);
-    return 0;
-}
-static int command(const char *line) {
-    if (!strcmp(line, "load")) {
-        void *lib = dlopen(library, RTLD_NOW);
-        if (!lib) {
-            const char *why = dlerror();
-            printf("load failed: %s\n", why ? why : "(dlerror says nothing)");
-            return 1;
-        }
-        int_fn lib_value = (int_fn)dlsym(lib, "lib_value");
-        printf("loaded: lib_value() = %d\n", lib_value ? lib_value() : -1);
-        return 1;
-    }
-    if (!strcmp(line, "loaded?")) {
-        void *lib = dlopen(library, RTLD_NOW | RTLD_NOLOAD);
-        printf("library loaded: %s\n", lib ? "yes" : "no");
-        if (lib) dlclose(lib);
-        return 1;
-    }
-    return 0;
-}
-"#;
+const LATER_HOST: &str = "refusals/later-host.c";
 
-const PATCH_LATER_FOR_BUILD: &str = r#"
-#include <livepatch.h>
-static int new_lib_value(void) { return 31; }
-static struct klp_func funcs[] = { { .old_name = "lib_value", .new_func = new_lib_value }, { } };
-static struct klp_object objs[] = {
-    { .name = "refuse_later_target.so", .funcs = funcs, .build_id = "BUILD_ID" },
-    { }
-};
-static struct klp_patch patch = { .objs = objs };
-KLP_PATCH(patch);
-"#;
+/// `lib_value` of refuse_later_target.so becomes 31, in the build `build_id` only.
+fn later_patch(name: &str, build_id: &str) -> PathBuf {
+    Cc::library(PATCH_LIBRARY_VALUE)
+        .define_string("LIBRARY", "refuse_later_target.so")
+        .define("VALUE", 31)
+        .define_string("BUILD_ID", build_id)
+        .build(name)
+}
 
 #[test]
 fn a_library_loaded_later_from_another_build_fails_to_open_and_the_program_runs_on() {
-    let library = compile("refuse_later_target", TARGET_LIBRARY, true);
+    let library = Cc::library(TARGET_LIBRARY).build("refuse_later_target");
     let library_id = build_id(&library);
     let program = program("refuse_later_prog", LATER_HOST);
-    let wrong = compile(
-        "refuse-later-wrong",
-        &PATCH_LATER_FOR_BUILD.replace("BUILD_ID", FAKE_BUILD_ID),
-        true,
-    );
-    let right = compile(
-        "refuse-later-right",
-        &PATCH_LATER_FOR_BUILD.replace("BUILD_ID", &library_id),
-        true,
-    );
+    let wrong = later_patch("refuse-later-wrong", FAKE_BUILD_ID);
+    let right = later_patch("refuse-later-right", &library_id);
     let mut target = Target::start_with(&program, &[path_str(&library)], "ready");
     let pid = target.pid();
 
@@ -661,66 +410,21 @@ fn a_library_loaded_later_from_another_build_fails_to_open_and_the_program_runs_
 
 /// `tiny` is a lone `ret` (1 byte); `loopy` jumps back to offset 2, inside the 5 bytes a
 /// jump would overwrite.
-const UNPATCHABLE: &str = r#"
-KEEP int value(void) { return 1; }
-void tiny(void);
-int loopy(void);
-__asm__(
-    ".text\n"
-    ".globl tiny\n"
-    ".type tiny, @function\n"
-    "tiny:\n"
-    "\tret\n"
-    ".size tiny, .-tiny\n"
-    ".globl loopy\n"
-    ".type loopy, @function\n"
-    "loopy:\n"
-    "\txorl %eax, %eax\n"
-    "1:\tincl %eax\n"
-    "\tcmpl $3, %eax\n"
-    "\tjne 1b\n"
-    "\tret\n"
-    ".size loopy, .-loopy\n");
-KEEP static int run_tiny(void) { tiny(); return 42; }
-static int setup(int argc, char **argv) {
-    (void)argc; (void)argv;
-    add("value", value, (const void *)value);
-    add("tiny", run_tiny, (const void *)tiny);
-    add("loopy", loopy, (const void *)loopy);
-    return 0;
-}
-static int command(const char *line) { (void)line; return 0; }
-"#;
+const UNPATCHABLE: &str = "refusals/unpatchable.c";
 
-/// `value` first, so a refusal of the second function must leave the first unwritten too.
-const PATCH_UNPATCHABLE: &str = r#"
-#include <livepatch.h>
-static int new_value(void) { return 2; }
-static void new_tiny(void) { }
-static int new_loopy(void) { return 4; }
-static struct klp_func funcs[] = {
-    { .old_name = "value", .new_func = new_value },
-    { .old_name = "FUNCTION", .new_func = NEW_FUNCTION },
-    { }
-};
-static struct klp_object objs[] = { { .name = NULL, .funcs = funcs }, { } };
-static struct klp_patch patch = { .objs = objs };
-KLP_PATCH(patch);
-"#;
+/// `value`, then `FUNCTION` (a define) with `NEW_FUNCTION`.
+const PATCH_UNPATCHABLE: &str = "refusals/unpatchable-patch.c";
 
 const UNPATCHABLE_FUNCTIONS: [&str; 3] = ["value", "tiny", "loopy"];
 
 fn refuse_unpatchable(function: &str, reason: &str) {
     let program = program(&format!("refuse_unpatchable_{function}_prog"), UNPATCHABLE);
     let name = format!("refuse-unpatchable-{function}");
-    let bad = compile(
-        &name,
-        &PATCH_UNPATCHABLE
-            .replace("NEW_FUNCTION", &format!("new_{function}"))
-            .replace("FUNCTION", function),
-        true,
-    );
-    let fix = compile(&format!("{name}-fix"), PATCH_VALUE, true);
+    let bad = Cc::library(PATCH_UNPATCHABLE)
+        .define_string("FUNCTION", function)
+        .define("NEW_FUNCTION", format!("new_{function}"))
+        .build(&name);
+    let fix = library(&format!("{name}-fix"), VALUE_PATCH);
     let mut target = Target::start(&program);
     let pid = target.pid();
     let before = snapshot(&mut target, &UNPATCHABLE_FUNCTIONS, &UNPATCHABLE_FUNCTIONS);
@@ -762,22 +466,15 @@ fn a_function_branching_into_its_first_bytes_is_refused_with_the_branch() {
 
 // 5. System states.
 
-const PATCH_STATE: &str = r#"
-#include <livepatch.h>
-static int new_value(void) { return RESULT; }
-static struct klp_func funcs[] = { { .old_name = "value", .new_func = new_value }, { } };
-static struct klp_object objs[] = { { .name = NULL, .funcs = funcs }, { } };
-static struct klp_state states[] = { { .id = 7, .version = VERSION }, { } };
-static struct klp_patch patch = { .objs = objs, .states = states, .replace = REPLACE };
-KLP_PATCH(patch);
-"#;
+/// `value` becomes `RESULT`, with state 7 at `VERSION`, replacing if `REPLACE` (defines).
+const PATCH_STATE: &str = "refusals/state-patch.c";
 
 fn state_patch(name: &str, version: u32, replace: bool, result: i32) -> PathBuf {
-    let source = PATCH_STATE
-        .replace("RESULT", &result.to_string())
-        .replace("VERSION", &version.to_string())
-        .replace("REPLACE", &replace.to_string());
-    compile(name, &source, true)
+    Cc::library(PATCH_STATE)
+        .define("RESULT", result)
+        .define("VERSION", version)
+        .define("REPLACE", replace)
+        .build(name)
 }
 
 #[test]
@@ -825,33 +522,14 @@ fn a_replacing_patch_with_an_older_state_version_is_refused_with_einval() {
 
 // 6. A failing pre_patch callback.
 
-const PATCH_PRE_PATCH_FAILS: &str = r#"
-#include <livepatch.h>
-static const char *name_of(struct klp_object *obj) { return obj->name ? obj->name : "vmlinux"; }
-static int pre_patch(struct klp_object *obj) {
-    klp_log("pre_patch_callback: %s", name_of(obj));
-    return -19;
-}
-static void post_patch(struct klp_object *obj) { klp_log("post_patch_callback: %s", name_of(obj)); }
-static void pre_unpatch(struct klp_object *obj) { klp_log("pre_unpatch_callback: %s", name_of(obj)); }
-static void post_unpatch(struct klp_object *obj) { klp_log("post_unpatch_callback: %s", name_of(obj)); }
-static int new_value(void) { return 2; }
-static struct klp_func funcs[] = { { .old_name = "value", .new_func = new_value }, { } };
-static struct klp_object objs[] = {
-    { .name = NULL, .funcs = funcs, .callbacks = {
-        .pre_patch = pre_patch, .post_patch = post_patch,
-        .pre_unpatch = pre_unpatch, .post_unpatch = post_unpatch } },
-    { }
-};
-static struct klp_patch patch = { .objs = objs };
-KLP_PATCH(patch);
-"#;
+/// `value` becomes 2, but the pre_patch callback fails with -ENODEV.
+const PATCH_PRE_PATCH_FAILS: &str = "refusals/pre-patch-fails-patch.c";
 
 #[test]
 fn a_pre_patch_callback_failing_with_enodev_refuses_the_patch_as_the_kernel_does() {
     let program = program("refuse_pre_patch_prog", BASIC);
-    let bad = compile("refuse-pre-patch", PATCH_PRE_PATCH_FAILS, true);
-    let fix = compile("refuse-pre-patch-fix", PATCH_VALUE, true);
+    let bad = library("refuse-pre-patch", PATCH_PRE_PATCH_FAILS);
+    let fix = library("refuse-pre-patch-fix", VALUE_PATCH);
     let mut target = Target::start(&program);
     let pid = target.pid();
     let before = snapshot(&mut target, &["value", "other"], &["value"]);
@@ -889,42 +567,15 @@ fn a_pre_patch_callback_failing_with_enodev_refuses_the_patch_as_the_kernel_does
 
 // 7. A failing state setup callback.
 
-const PATCH_STATE_SETUP: &str = r#"
-#include <livepatch.h>
-static int setup(struct klp_patch *patch, struct klp_state *state) {
-    (void)patch;
-    klp_log("TAG: setup_callback: state %lu", state->id);
-    return SETUP_RESULT;
-}
-static void enable(struct klp_patch *patch, struct klp_state *state) {
-    (void)patch;
-    klp_log("TAG: enable_callback: state %lu", state->id);
-}
-static void release(struct klp_patch *patch, struct klp_state *state) {
-    (void)patch;
-    klp_log("TAG: release_callback: state %lu", state->id);
-}
-static int pre_patch(struct klp_object *obj) { (void)obj; klp_log("TAG: pre_patch_callback"); return 0; }
-static void post_unpatch(struct klp_object *obj) { (void)obj; klp_log("TAG: post_unpatch_callback"); }
-static int new_value(void) { return 2; }
-static struct klp_func funcs[] = { { .old_name = "value", .new_func = new_value }, { } };
-static struct klp_object objs[] = {
-    { .name = NULL, .funcs = funcs, .callbacks = { .pre_patch = pre_patch, .post_unpatch = post_unpatch } },
-    { }
-};
-static struct klp_state states[] = {
-    { .id = 9, .version = 1, .callbacks = { .setup = setup, .enable = enable, .release = release } },
-    { }
-};
-static struct klp_patch patch = { .objs = objs, .states = states };
-KLP_PATCH(patch);
-"#;
+/// `value` becomes 2, with state 9 whose setup returns `SETUP_RESULT`; its callbacks log lines
+/// that begin with `TAG` (defines).
+const PATCH_STATE_SETUP: &str = "refusals/state-setup-patch.c";
 
 fn setup_patch(name: &str, setup_result: i32) -> PathBuf {
-    let source = PATCH_STATE_SETUP
-        .replace("TAG", name)
-        .replace("SETUP_RESULT", &setup_result.to_string());
-    compile(name, &source, true)
+    Cc::library(PATCH_STATE_SETUP)
+        .define_string("TAG", name)
+        .define("SETUP_RESULT", setup_result)
+        .build(name)
 }
 
 #[test]
@@ -981,86 +632,22 @@ fn a_failing_state_setup_refuses_the_patch_without_releasing_the_state() {
 // 8. Another transition running.
 
 /// A worker thread can be sent into `stuck`, which it leaves only when released.
-const BUSY: &str = r#"
-volatile int release_worker;
-KEEP int value(void) { return 1; }
-KEEP int other(void) { return 7; }
-KEEP int stuck(void) {
-    puts("worker: inside stuck");
-    while (!release_worker) __asm__ volatile("pause");
-    puts("worker: left stuck");
-    return 0;
-}
-static pthread_t worker_thread;
-static void *worker(void *arg) { (void)arg; stuck(); return NULL; }
-static int setup(int argc, char **argv) {
-    (void)argc; (void)argv;
-    add("value", value, (const void *)value);
-    add("other", other, (const void *)other);
-    add("stuck", NULL, (const void *)stuck);
-    return 0;
-}
-static int command(const char *line) {
-    if (!strcmp(line, "worker")) {
-        release_worker = 0;
-        pthread_create(&worker_thread, NULL, worker, NULL);
-        return 1;
-    }
-    if (!strcmp(line, "release")) {
-        release_worker = 1;
-        pthread_join(worker_thread, NULL);
-        puts("joined");
-        return 1;
-    }
-    return 0;
-}
-"#;
+const BUSY: &str = "refusals/busy.c";
 
-const PATCH_OTHER: &str = r#"
-#include <livepatch.h>
-static int new_other(void) { return 8; }
-static struct klp_func funcs[] = { { .old_name = "other", .new_func = new_other }, { } };
-static struct klp_object objs[] = { { .name = NULL, .funcs = funcs }, { } };
-static struct klp_patch patch = { .objs = objs };
-KLP_PATCH(patch);
-"#;
+/// `other` becomes 8.
+const PATCH_OTHER: &str = "refusals/other-patch.c";
 
-const PATCH_STUCK: &str = r#"
-#include <livepatch.h>
-#include <stdio.h>
-extern volatile int release_worker;
-static int new_value(void) { return 2; }
-static int new_stuck(void) {
-    puts("worker: inside new stuck");
-    while (!release_worker) __asm__ volatile("pause");
-    puts("worker: left new stuck");
-    return 0;
-}
-static struct klp_func funcs[] = {
-    { .old_name = "value", .new_func = new_value },
-    { .old_name = "stuck", .new_func = new_stuck },
-    { }
-};
-static struct klp_object objs[] = { { .name = NULL, .funcs = funcs }, { } };
-static struct klp_patch patch = { .objs = objs };
-KLP_PATCH(patch);
-"#;
-
-const PATCH_VALUE_3: &str = r#"
-#include <livepatch.h>
-static int new_value(void) { return 3; }
-static struct klp_func funcs[] = { { .old_name = "value", .new_func = new_value }, { } };
-static struct klp_object objs[] = { { .name = NULL, .funcs = funcs }, { } };
-static struct klp_patch patch = { .objs = objs };
-KLP_PATCH(patch);
-"#;
+/// `value` becomes 2, and `stuck` a new one that says so.
+const PATCH_STUCK: &str = "refusals/stuck-patch.c";
 
 #[test]
 fn while_a_transition_runs_other_loads_disables_and_its_unload_are_refused_with_ebusy() {
     let program = program("refuse_busy_prog", BUSY);
-    let done = compile("refuse-busy-done", PATCH_OTHER, true);
-    let stuck = compile("refuse-busy-stuck", PATCH_STUCK, true);
-    let second = compile("refuse-busy-second", PATCH_VALUE_3, true);
+    let done = library("refuse-busy-done", PATCH_OTHER);
+    let stuck = library("refuse-busy-stuck", PATCH_STUCK);
+    let second = Cc::library(VALUE_PATCH)
+        .define("VALUE", 3)
+        .build("refuse-busy-second");
     let mut target = Target::start(&program);
     let pid = target.pid();
     assert_loads(&pid, &done);
@@ -1140,7 +727,7 @@ fn while_a_transition_runs_other_loads_disables_and_its_unload_are_refused_with_
 #[test]
 fn an_enabled_patch_cannot_be_unloaded_until_it_is_disabled() {
     let program = program("refuse_unload_prog", BASIC);
-    let patch = compile("refuse-unload-enabled", PATCH_VALUE, true);
+    let patch = library("refuse-unload-enabled", VALUE_PATCH);
     let mut target = Target::start(&program);
     let pid = target.pid();
     let original = snapshot(&mut target, &["value", "other"], &["value"]);
@@ -1176,7 +763,7 @@ fn an_enabled_patch_cannot_be_unloaded_until_it_is_disabled() {
 /// correct patch.
 fn refuse_malformed(test: &str, bad: &Path, names: &[&str]) -> String {
     let program = program(&format!("{test}_prog"), BASIC);
-    let fix = compile(&format!("{test}-fix"), PATCH_VALUE, true);
+    let fix = library(&format!("{test}-fix"), VALUE_PATCH);
     let mut target = Target::start(&program);
     let pid = target.pid();
     let before = snapshot(&mut target, &["value", "other"], &["value"]);
@@ -1195,11 +782,7 @@ fn refuse_malformed(test: &str, bad: &Path, names: &[&str]) -> String {
 
 #[test]
 fn a_library_without_klp_patch_is_refused_as_not_a_patch() {
-    let bad = compile(
-        "refuse-no-declaration",
-        "int unrelated(void) { return 0; }\n",
-        true,
-    );
+    let bad = library("refuse-no-declaration", "refusals/no-declaration.c");
     refuse_malformed(
         "refuse_no_declaration",
         &bad,
@@ -1229,22 +812,12 @@ fn a_file_that_is_not_a_shared_library_is_refused_with_the_loader_reason() {
     );
 }
 
-const PATCH_NULL_FUNCS: &str = r#"
-#include <livepatch.h>
-static int new_value(void) { return 5; }
-static struct klp_func funcs[] = { { .old_name = "value", .new_func = new_value }, { } };
-static struct klp_object objs[] = {
-    { .name = NULL, .funcs = funcs },
-    { .name = "libc.so.6", .funcs = NULL },
-    { }
-};
-static struct klp_patch patch = { .objs = objs };
-KLP_PATCH(patch);
-"#;
+/// An object whose funcs are NULL.
+const PATCH_NULL_FUNCS: &str = "refusals/null-funcs-patch.c";
 
 #[test]
 fn an_object_with_null_funcs_is_refused_as_malformed() {
-    let bad = compile("refuse-null-funcs", PATCH_NULL_FUNCS, true);
+    let bad = library("refuse-null-funcs", PATCH_NULL_FUNCS);
     refuse_malformed(
         "refuse_null_funcs",
         &bad,
