@@ -10,12 +10,12 @@ mod support;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Output;
 
 use livepatch_protocol as protocol;
+use support::refusal::{assert_loads, assert_refused, assert_succeeds, call, load, snapshot};
 use support::{
     Cc, MISSING_FUNCTION_PATCH, Target, VALUE_PATCH, agent_log, cli, library, patch_names,
-    path_str, program, scratch, socket, status_json, stderr, stdout,
+    path_str, program, scratch, socket, status_json, stderr,
 };
 
 const ENOMEM: i32 = 12;
@@ -37,69 +37,6 @@ fn build_id(file: &Path) -> String {
         .lines()
         .find_map(|l| l.trim().strip_prefix("Build ID: ").map(str::to_owned))
         .unwrap_or_else(|| panic!("{} has no build id", file.display()))
-}
-
-fn load(pid: &str, patch: &Path) -> Output {
-    cli(&["load", pid, path_str(patch)])
-}
-
-fn assert_loads(pid: &str, patch: &Path) {
-    let out = load(pid, patch);
-    assert!(
-        out.status.success(),
-        "loading {} failed: {}",
-        patch.display(),
-        stderr(&out)
-    );
-}
-
-fn assert_succeeds(args: &[&str]) {
-    let out = cli(args);
-    assert!(out.status.success(), "{args:?} failed: {}", stderr(&out));
-}
-
-/// Exit status 1 and one error that names every one of `names`; returns the message.
-fn assert_refused(output: &Output, names: &[&str]) -> String {
-    let message = stderr(output);
-    assert_eq!(
-        output.status.code(),
-        Some(1),
-        "stdout: {}\nstderr: {message}",
-        stdout(output)
-    );
-    assert!(message.starts_with("livepatch: error: "), "{message}");
-    for name in names {
-        assert!(message.contains(name), "{message:?} does not name {name:?}");
-    }
-    message
-}
-
-/// `call NAME = RESULT` from the program.
-fn call(target: &mut Target, function: &str) -> String {
-    target.send(&format!("call {function}"));
-    target.expect(&format!("call {function} = "))
-}
-
-/// `bytes NAME HEX`: the first 16 bytes of the function's code.
-fn code(target: &mut Target, function: &str) -> String {
-    target.send(&format!("bytes {function}"));
-    target.expect(&format!("bytes {function} "))
-}
-
-/// Everything a refusal must leave as it was.
-#[derive(Debug, PartialEq)]
-struct Snapshot {
-    status: serde_json::Value,
-    answers: Vec<String>,
-    code: Vec<String>,
-}
-
-fn snapshot(target: &mut Target, calls: &[&str], code_of: &[&str]) -> Snapshot {
-    Snapshot {
-        status: status_json(&target.pid()),
-        answers: calls.iter().map(|f| call(target, f)).collect(),
-        code: code_of.iter().map(|f| code(target, f)).collect(),
-    }
 }
 
 /// Sends `command` straight to the agent and returns the errno and message of its refusal;

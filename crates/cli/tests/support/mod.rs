@@ -3,6 +3,7 @@
 //! program whose output and `LIVEPATCH_LOG=stderr` lines are read in order as they happen.
 #![allow(dead_code)] // Each test binary uses a different part.
 
+pub mod refusal;
 pub mod selftest;
 
 use std::collections::HashMap;
