@@ -52,9 +52,9 @@ pub enum StartError {
     /// The control thread could not be started.
     #[error("cannot start the control thread: {0}")]
     Thread(std::io::Error),
-    /// The agent failed to start earlier in this process.
+    /// The agent failed to start earlier in this process, for this reason.
     #[error("{0}")]
-    Earlier(String),
+    Earlier(std::sync::Arc<StartError>),
 }
 
 /// The check signal: `LIVEPATCH_SIGNAL` or `SIGRTMIN+8`; the stop signal is the next one.

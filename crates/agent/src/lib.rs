@@ -34,7 +34,7 @@ pub mod shadow;
 pub mod sites;
 pub mod threads;
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 pub use agent::{Agent, StartError};
 
@@ -49,9 +49,8 @@ pub(crate) fn current_agent() -> Option<&'static Agent> {
 /// Starts the agent once per process: installs the check signal, creates the control socket
 /// and starts the control thread. Later calls return at once, with the first call's result.
 pub fn start() -> Result<(), StartError> {
-    static STARTED: OnceLock<Result<(), String>> = OnceLock::new();
-    let r = STARTED.get_or_init(|| start_once().map_err(|e| e.to_string()));
-    match r {
+    static STARTED: OnceLock<Result<(), Arc<StartError>>> = OnceLock::new();
+    match STARTED.get_or_init(|| start_once().map_err(Arc::new)) {
         Ok(()) => Ok(()),
         Err(e) => Err(StartError::Earlier(e.clone())),
     }

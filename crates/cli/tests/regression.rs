@@ -23,12 +23,20 @@ fn r8_a_patch_whose_second_function_is_out_of_reach_is_refused_before_any_callba
     target.send("fence");
     let fenced = target.expect("fenced ");
     assert!(!fenced.contains("fenced 0 MiB"), "{fenced}");
-    let before = snapshot(&mut target, &["value", "far_value"], &["value", "far_value"]);
+    let before = snapshot(
+        &mut target,
+        &["value", "far_value"],
+        &["value", "far_value"],
+    );
 
     let refused = load(&pid, &patch);
     assert_refused(
         &refused,
-        &["'far-patch'", "far_value", "no free address range within 2 GiB"],
+        &[
+            "'far-patch'",
+            "far_value",
+            "no free address range within 2 GiB",
+        ],
     );
     let log = agent_log(&pid);
     assert!(
@@ -42,7 +50,11 @@ fn r8_a_patch_whose_second_function_is_out_of_reach_is_refused_before_any_callba
         "{log:#?}"
     );
     assert_eq!(
-        snapshot(&mut target, &["value", "far_value"], &["value", "far_value"]),
+        snapshot(
+            &mut target,
+            &["value", "far_value"],
+            &["value", "far_value"]
+        ),
         before
     );
 
@@ -56,7 +68,11 @@ fn writable_and_executable(pid: &str) -> Vec<String> {
     std::fs::read_to_string(format!("/proc/{pid}/maps"))
         .expect("the target's maps")
         .lines()
-        .filter(|l| l.split_whitespace().nth(1).is_some_and(|p| p.starts_with("rwx")))
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|p| p.starts_with("rwx"))
+        })
         .map(str::to_owned)
         .collect()
 }
@@ -133,8 +149,18 @@ fn r8_a_program_taking_sigchld_synchronously_gets_every_one_with_the_agent_in_it
     let agent_thread = thread_named(&pid, "livepatch");
     let blocked = blocked_signals(&pid, &agent_thread);
     let bit = |signal: i32| 1u64 << (signal - 1);
-    for signal in [libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR1] {
-        assert_ne!(blocked & bit(signal), 0, "the agent's thread takes signal {signal}");
+    for signal in [
+        libc::SIGCHLD,
+        libc::SIGTERM,
+        libc::SIGINT,
+        libc::SIGHUP,
+        libc::SIGUSR1,
+    ] {
+        assert_ne!(
+            blocked & bit(signal),
+            0,
+            "the agent's thread takes signal {signal}"
+        );
     }
     let check = libc::SIGRTMIN() + 8;
     assert_eq!(blocked & (bit(check) | bit(check + 1)), 0, "{blocked:#x}");

@@ -10,18 +10,23 @@
 //! every command.
 //!
 //! Everything is deterministic: no threads, no real time, no randomness
-//! except what a test feeds in.
+//! except what a test feeds in, or the one seed of a simulation.
 //!
 //! - [`world`]: the simulated process and its platform implementation.
 //! - [`checker`]: invariants checked after every step.
 //! - [`modules`]: the kernel selftest modules, rebuilt as simulated patch
 //!   libraries and target objects.
+//! - [`workload`]: the operations of random runs, with their checks.
+//! - [`simulator`]: runs driven by one seed, which decides every operation,
+//!   thread move and fault; the `simulate` program runs one.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod checker;
 pub mod modules;
+pub mod simulator;
+pub mod workload;
 pub mod world;
 
 use std::collections::BTreeMap;
