@@ -287,6 +287,8 @@ pub unsafe fn commit(
     }
     let writer = CodeWriter::new();
     let mut previous = Vec::with_capacity(writes.len());
+    let page = page_size();
+    let mut tried_pages = std::collections::BTreeSet::new();
     for write in writes {
         if !maps::is_readable(maps, write.address, write.bytes.len()) {
             return Err(CommitError::Write(WriteError::NotMapped {
@@ -297,8 +299,14 @@ pub unsafe fn commit(
         // SAFETY: readable (checked above) code of a loaded object.
         let before = unsafe { read_code(write.address, write.bytes.len()) };
         // Rule 3: the same bytes again, while threads run; they change nothing a thread sees.
-        // SAFETY: rewriting the bytes that are there keeps every thread's view of them.
-        unsafe { writer.write(write.address, &before, maps) }.map_err(CommitError::Write)?;
+        // Once per page: whether a write works, and the copy-on-write, are the page's.
+        let first_page = write.address & !(page - 1);
+        let last_page = (write.end() - 1) & !(page - 1);
+        if !tried_pages.contains(&first_page) || !tried_pages.contains(&last_page) {
+            // SAFETY: rewriting the bytes that are there keeps every thread's view of them.
+            unsafe { writer.write(write.address, &before, maps) }.map_err(CommitError::Write)?;
+            tried_pages.extend([first_page, last_page]);
+        }
         previous.push(before);
     }
     let mut sorted = forbidden.to_vec();

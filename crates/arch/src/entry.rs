@@ -4,8 +4,8 @@
 //! of the stub block it would get: [`analyze`] reads the entry, [`plan`] relocates and encodes.
 
 use iced_x86::{
-    BlockEncoder, BlockEncoderOptions, Code, Decoder, DecoderOptions, FlowControl, Instruction,
-    InstructionBlock,
+    BlockEncoder, BlockEncoderOptions, Code, Decoder, DecoderOptions, Encoder, FlowControl,
+    Instruction, InstructionBlock,
 };
 
 use crate::code_write::CodeWrite;
@@ -250,7 +250,9 @@ pub struct EntryPlan {
     pub trampoline: Vec<u8>,
 }
 
-fn encode(instructions: &[Instruction], at: usize) -> Result<Vec<u8>, Unpatchable> {
+/// Relocates `instructions` to `at`, fixing up every branch and RIP-relative operand (a short
+/// branch that no longer reaches becomes a longer form).
+fn relocate(instructions: &[Instruction], at: usize) -> Result<Vec<u8>, Unpatchable> {
     BlockEncoder::encode(
         64,
         InstructionBlock::new(instructions, at as u64),
@@ -258,6 +260,19 @@ fn encode(instructions: &[Instruction], at: usize) -> Result<Vec<u8>, Unpatchabl
     )
     .map(|encoded| encoded.code_buffer)
     .map_err(|e| Unpatchable::Unmovable(e.to_string()))
+}
+
+/// Encodes `instructions` one after the other from `at`, each exactly as given: a branch out of
+/// its form's reach is an error, never a longer form.
+pub(crate) fn encode(instructions: &[Instruction], at: usize) -> Result<Vec<u8>, Unpatchable> {
+    let mut encoder = Encoder::new(64);
+    let mut ip = at as u64;
+    for instruction in instructions {
+        ip += encoder
+            .encode(instruction, ip)
+            .map_err(|e| Unpatchable::Unmovable(e.to_string()))? as u64;
+    }
+    Ok(encoder.take_buffer())
 }
 
 /// Encodes the redirection of the function at `function`, analyzed as `kind`, to the stub at
@@ -333,7 +348,7 @@ pub fn plan(
                 Instruction::with_branch(Code::Jmp_rel32_64, (function + relocated_len) as u64)
                     .map_err(|e| Unpatchable::Unmovable(e.to_string()))?,
             );
-            let bytes = encode(&moved, trampoline)?;
+            let bytes = relocate(&moved, trampoline)?;
             if bytes.len() > trampoline_room {
                 return Err(Unpatchable::RelocationTooLarge {
                     need: bytes.len(),

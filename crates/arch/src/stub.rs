@@ -29,11 +29,9 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use iced_x86::{
-    BlockEncoder, BlockEncoderOptions, Code, Instruction, InstructionBlock, MemoryOperand, Register,
-};
+use iced_x86::{Code, Instruction, MemoryOperand, Register};
 
-use crate::entry::Unpatchable;
+use crate::entry::{Unpatchable, encode};
 
 /// Bytes of a site's code block.
 pub const CODE_BLOCK_SIZE: usize = 128;
@@ -132,15 +130,6 @@ pub fn encode_stub(block: Block) -> Result<Vec<u8>, Unpatchable> {
         Instruction::with2(Code::Lea_r64_m, Register::R11, rip(block.data)).map_err(unmovable)?,
         Instruction::with1(Code::Jmp_rm64, rip(block.data + COMMON_OFFSET)).map_err(unmovable)?,
     ];
-    let encode = |instructions: &[Instruction], at: usize| {
-        BlockEncoder::encode(
-            64,
-            InstructionBlock::new(instructions, at as u64),
-            BlockEncoderOptions::NONE,
-        )
-        .map(|e| e.code_buffer)
-        .map_err(|e| Unpatchable::Unmovable(e.to_string()))
-    };
     // int3 fills the gaps: nothing jumps there.
     let mut code = vec![0xcc; TRAMPOLINE_OFFSET];
     let stub = encode(&stub, block.code)?;
