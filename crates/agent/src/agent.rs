@@ -14,6 +14,7 @@ use livepatch_core::Livepatch;
 use crate::callbacks::{CallbackScope, PrevStateAnswer};
 use crate::check;
 use crate::ffi::descriptor::KlpState;
+use crate::ffi::process::with_signals_blocked;
 use crate::log::AgentLog;
 use crate::notifier::{self, ComingRefusal};
 use crate::platform::ProcessPlatform;
@@ -157,7 +158,14 @@ impl Agent {
     pub fn objects_changed(&self) -> Option<ComingRefusal> {
         let mut guard = self.lock();
         let state = &mut *guard;
-        let refused = notifier::sync_objects(&mut state.core, &mut state.platform);
+        // A program thread: no handler of the program may run while it publishes dispatches or
+        // holds the world stopped. Blocked only once the lock is held, so that a stop or a check
+        // round of the control thread reaches it while it waits for the lock.
+        let own = [state.platform.check_signal, state.platform.check_signal + 1];
+        let refused = with_signals_blocked(&own, || {
+            state.platform.retry_restores();
+            notifier::sync_objects(&mut state.core, &mut state.platform)
+        });
         drop(guard);
         if let Some(refusal) = &refused {
             self.log.agent(
@@ -202,6 +210,7 @@ impl Agent {
         let mut guard = self.lock();
         let state = &mut *guard;
         state.platform.objects.refresh();
+        state.platform.retry_restores();
         state.core.transition_work(&mut state.platform);
     }
 

@@ -79,13 +79,15 @@ pub enum LibraryError {
         /// Its patch.
         patch: String,
     },
-    /// Another library declares a patch of that name.
-    #[error("a patch named '{patch}' is already loaded from {path}; unload it first")]
+    /// Another library declares a patch of that name (module names are unique in the kernel).
+    #[error("a patch named '{patch}' is already loaded from {path}; {advice}")]
     NameLoaded {
         /// The patch.
         patch: String,
         /// The other library.
         path: String,
+        /// What to do about it.
+        advice: &'static str,
     },
     /// The library could not be opened or is no patch library.
     #[error("{path}: {source}")]
@@ -169,9 +171,17 @@ pub fn insmod<P: HoldsLibraries>(
             source,
         })?;
     if let Some(other) = platform.libraries().find(&desc.name) {
+        let advice = if other.forced {
+            "it took part in a forced transition and stays loaded: give the new patch another name"
+        } else if other.active {
+            "disable and unload it first, or make the new patch replace it"
+        } else {
+            "unload it first"
+        };
         return Err(LibraryError::NameLoaded {
             patch: desc.name,
             path: other.path.clone(),
+            advice,
         });
     }
     // In the registry before the patch is enabled: its callbacks run from the library.

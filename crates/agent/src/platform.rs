@@ -52,7 +52,14 @@ pub struct ProcessPlatform {
     seen_threads: BTreeSet<Tid>,
     /// The last check round found a thread blocked: the next one also walks stacks precisely.
     walk_stacks: bool,
+    /// Functions the core no longer patches whose entries could not be restored yet (a thread
+    /// could not be stopped): their stubs run the original code, and the restore is retried.
+    pending_restores: BTreeSet<Addr>,
+    last_restore_attempt: Option<Instant>,
 }
+
+/// How often a failed restore is tried again.
+const RESTORE_RETRY: Duration = Duration::from_secs(1);
 
 impl ProcessPlatform {
     /// The platform of this process; the check signal's handler and the stub decision must be
@@ -68,6 +75,8 @@ impl ProcessPlatform {
             check_signal,
             seen_threads: BTreeSet::new(),
             walk_stacks: false,
+            pending_restores: BTreeSet::new(),
+            last_restore_attempt: None,
         };
         // Threads that exist before any transition get their records now, IDLE; later ones are
         // recorded at birth by the pthread_create wrapper.
@@ -77,6 +86,23 @@ impl ProcessPlatform {
 
     fn warn(&self, text: std::fmt::Arguments<'_>) {
         self.log.agent(Level::Err, text);
+    }
+
+    /// Tries again to restore the entries that could not be restored, at most once per
+    /// [`RESTORE_RETRY`].
+    pub fn retry_restores(&mut self) {
+        if self.pending_restores.is_empty()
+            || self
+                .last_restore_attempt
+                .is_some_and(|at| at.elapsed() < RESTORE_RETRY)
+        {
+            return;
+        }
+        self.last_restore_attempt = Some(Instant::now());
+        let addresses: Vec<usize> = self.pending_restores.iter().map(|&a| a as usize).collect();
+        if livepatch_arch::redirect::restore(&addresses).is_ok() {
+            self.pending_restores.clear();
+        }
     }
 
     /// Code a thread runs between a stub and the function it chose: every stub block (stubs
@@ -140,7 +166,8 @@ impl Platform for ProcessPlatform {
 
     fn plan_site(&mut self, func_name: &str, location: FuncLocation) -> Result<(), RedirectError> {
         if livepatch_arch::redirect::site(location.addr as usize).is_some() {
-            // Another patch redirects it already: the new func joins its stack.
+            // Another patch redirects it already (the new func joins its stack), or its restore
+            // is pending (it is adopted as it is).
             return Ok(());
         }
         let cookie = self.sites.cookie(location.addr);
@@ -159,7 +186,12 @@ impl Platform for ProcessPlatform {
         &mut self,
         sites: &[SiteRegistration],
     ) -> Result<(), RegisterError<RedirectError>> {
-        let addresses: Vec<usize> = sites.iter().map(|s| s.addr as usize).collect();
+        // A function whose restore is pending is still redirected: it only needs its dispatch.
+        let addresses: Vec<usize> = sites
+            .iter()
+            .filter(|s| !self.pending_restores.contains(&s.addr))
+            .map(|s| s.addr as usize)
+            .collect();
         if let Err(error) = livepatch_arch::redirect::redirect_planned(&addresses) {
             let index = match &error {
                 RedirectError::Unpatchable { function, .. } => sites
@@ -175,6 +207,7 @@ impl Platform for ProcessPlatform {
             });
         }
         for site in sites {
+            self.pending_restores.remove(&site.addr);
             self.update_dispatch(site.addr, site.dispatch);
         }
         Ok(())
@@ -186,7 +219,20 @@ impl Platform for ProcessPlatform {
         }
         let addresses: Vec<usize> = addrs.iter().map(|&a| a as usize).collect();
         if let Err(e) = livepatch_arch::redirect::restore(&addresses) {
-            self.warn(format_args!("{e}"));
+            // The entries still jump to their stubs: send the stubs to the original code, which
+            // is what the core asked for, and restore the entries later.
+            for &address in &addresses {
+                let _ = livepatch_arch::redirect::set_dispatch(
+                    address,
+                    livepatch_arch::Dispatch::Original,
+                );
+            }
+            self.pending_restores.extend(addrs.iter().copied());
+            self.last_restore_attempt = Some(Instant::now());
+            self.warn(format_args!(
+                "the entries of {} functions stay redirected to their stubs, which run the original code, until they can be restored: {e}",
+                addrs.len()
+            ));
         }
     }
 
@@ -268,7 +314,8 @@ impl Platform for ProcessPlatform {
     }
 
     fn synchronize_transition(&mut self) {
-        let tids: Vec<Tid> = self.seen_threads.iter().copied().collect();
+        // Listed now: a thread born since the last listing may be in a slow path too.
+        let tids = self.threads();
         if let Err(late) = threads::synchronize(&tids) {
             self.log.core(&livepatch_core::log::warning(&format!(
                 "synchronize_transition: {late}; going on without it"

@@ -7,8 +7,10 @@
 //! turns cookies made here back into records.
 //!
 //! A record's three fields change together, under a sequence counter (a seqlock): the slow
-//! path never acts on a new top with an old transition flag, and never waits for the control
-//! thread, which is the only writer.
+//! path never acts on a new top with an old transition flag. Records are written only under the
+//! agent's lock (so one writer at a time), by the control thread or by a program thread in the
+//! notifier, which blocks the program's signals meanwhile: no handler of the program can run on
+//! a writer between its two counter stores and spin forever on the odd counter.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering, fence};
@@ -70,7 +72,7 @@ impl SiteDispatch {
         }
     }
 
-    /// Writes the fields (the control thread only, the one writer). The Release fence orders
+    /// Writes the fields (under the agent's lock: one writer). The Release fence orders
     /// the odd counter before the fields; the final Release store publishes them with the
     /// even counter.
     fn store(&self, dispatch: Dispatch) {

@@ -17,9 +17,9 @@
 //!    writes before it, so a commit is all or nothing.
 //! 4. After a commit's writes, every core is serialized (`membarrier` SYNC_CORE) before the
 //!    threads go on, so none runs a stale decoded copy of the old bytes.
+//! 5. Every system call is made with the `syscall` instruction ([`signals::syscall`]), never
+//!    through libc, whose functions a patch may be replacing.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -60,7 +60,20 @@ pub enum WriteError {
         len: usize,
         /// Why `/proc/self/mem` did not take them.
         proc_mem: ProcMemFailure,
-        /// Why lifting the protection did not work.
+        /// Why lifting (or putting back) the protection did not work.
+        protect: std::io::Error,
+    },
+    /// The bytes were written, but the protection of their pages could not be put back: a page
+    /// stays writable and executable.
+    #[error(
+        "wrote {len} bytes of code at {address:#x}, but could not protect their page again: {protect}"
+    )]
+    LeftWritable {
+        /// The first byte.
+        address: usize,
+        /// How many bytes.
+        len: usize,
+        /// Why `mprotect` failed.
         protect: std::io::Error,
     },
     /// The bytes lie outside every mapping.
@@ -88,9 +101,9 @@ pub enum ProcMemFailure {
         /// Bytes asked.
         len: usize,
     },
-    /// The kernel refused the write.
-    #[error("{0}")]
-    Failed(std::io::Error),
+    /// The kernel refused the write (errno).
+    #[error("{}", std::io::Error::from_raw_os_error(*.0))]
+    Failed(i32),
 }
 
 /// Why a commit changed nothing.
@@ -109,7 +122,7 @@ pub enum CommitError {
         /// Its PC.
         pc: usize,
     },
-    /// Writing failed; what was written before was undone.
+    /// Writing failed; what was written was undone.
     #[error("{0}; code was not changed")]
     Write(#[source] WriteError),
     /// Writing failed and undoing the writes before it failed too: the code is half changed.
@@ -141,18 +154,29 @@ pub fn page_size() -> usize {
 /// are parked.
 #[derive(Debug)]
 pub struct CodeWriter {
-    /// The open file, or the errno of the failed open.
-    mem: Result<File, i32>,
+    /// The open descriptor, or the errno of the failed open.
+    mem: Result<i32, i32>,
 }
 
 impl CodeWriter {
     /// A writer; `/proc/self/mem` is opened now.
     pub fn new() -> Self {
-        let mem = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/proc/self/mem")
-            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO));
+        let path = b"/proc/self/mem\0";
+        // SAFETY: a NUL-terminated path; the descriptor is closed by Drop.
+        let mem = unsafe {
+            signals::syscall(
+                libc::SYS_openat,
+                [
+                    libc::AT_FDCWD as usize,
+                    path.as_ptr() as usize,
+                    (libc::O_RDWR | libc::O_CLOEXEC) as usize,
+                    0,
+                    0,
+                    0,
+                ],
+            )
+        }
+        .map(|fd| fd as i32);
         CodeWriter { mem }
     }
 
@@ -168,16 +192,30 @@ impl CodeWriter {
         bytes: &[u8],
         maps: &[Mapping],
     ) -> Result<(), WriteError> {
-        let proc_mem = match &self.mem {
-            Ok(file) => match file.write_at(bytes, address as u64) {
+        let proc_mem = match self.mem {
+            // SAFETY: writes `bytes` (valid for reads) at offset `address` of our own memory,
+            // which the caller promises is code no thread executes now.
+            Ok(fd) => match unsafe {
+                signals::syscall(
+                    libc::SYS_pwrite64,
+                    [
+                        fd as usize,
+                        bytes.as_ptr() as usize,
+                        bytes.len(),
+                        address,
+                        0,
+                        0,
+                    ],
+                )
+            } {
                 Ok(n) if n == bytes.len() => return Ok(()),
                 Ok(written) => ProcMemFailure::Short {
                     written,
                     len: bytes.len(),
                 },
-                Err(e) => ProcMemFailure::Failed(e),
+                Err(errno) => ProcMemFailure::Failed(errno),
             },
-            Err(errno) => ProcMemFailure::Unavailable(*errno),
+            Err(errno) => ProcMemFailure::Unavailable(errno),
         };
         // SAFETY: the caller's promise, passed on.
         match unsafe { write_with_mprotect(address, bytes, maps) } {
@@ -186,14 +224,33 @@ impl CodeWriter {
                 address,
                 end: address + bytes.len(),
             }),
-            Err(ProtectError::Io(protect)) => Err(WriteError::Refused {
+            Err(ProtectError::Lift(errno)) => Err(WriteError::Refused {
                 address,
                 len: bytes.len(),
                 proc_mem,
-                protect,
+                protect: std::io::Error::from_raw_os_error(errno),
+            }),
+            Err(ProtectError::PutBack(errno)) => Err(WriteError::LeftWritable {
+                address,
+                len: bytes.len(),
+                protect: std::io::Error::from_raw_os_error(errno),
             }),
         }
     }
+}
+
+impl Drop for CodeWriter {
+    fn drop(&mut self) {
+        if let Ok(fd) = self.mem {
+            signals::close(fd);
+        }
+    }
+}
+
+fn mprotect(page: usize, len: usize, prot: i32) -> Result<(), i32> {
+    // SAFETY: changes the protection of whole pages of this process's own mappings; the caller
+    // keeps them readable and executable for every thread (see `write_with_mprotect`).
+    unsafe { signals::syscall(libc::SYS_mprotect, [page, len, prot as usize, 0, 0, 0]) }.map(|_| ())
 }
 
 impl Default for CodeWriter {
@@ -204,7 +261,10 @@ impl Default for CodeWriter {
 
 enum ProtectError {
     NotMapped,
-    Io(std::io::Error),
+    /// Lifting the protection failed (errno); nothing was written.
+    Lift(i32),
+    /// The bytes were written, but the protection could not be put back (errno).
+    PutBack(i32),
 }
 
 /// The fallback of rule 2: lifts the protection of the pages written, copies, puts it back.
@@ -227,17 +287,14 @@ unsafe fn write_with_mprotect(
     let mut lifted = 0;
     let mut failure = None;
     for at in pages() {
-        // SAFETY: adds write permission to a page of loaded code while keeping read and
-        // execute, so every thread's view of it stays executable.
-        let r = unsafe {
-            libc::mprotect(
-                at as *mut libc::c_void,
-                page,
-                libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
-            )
-        };
-        if r != 0 {
-            failure = Some(std::io::Error::last_os_error());
+        // Adds write permission to a page of loaded code while keeping read and execute, so
+        // every thread's view of it stays executable.
+        if let Err(errno) = mprotect(
+            at,
+            page,
+            libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+        ) {
+            failure = Some(ProtectError::Lift(errno));
             break;
         }
         lifted += 1;
@@ -248,16 +305,13 @@ unsafe fn write_with_mprotect(
     }
     for at in pages().take(lifted) {
         let prot = maps::find(maps, at).map_or(libc::PROT_READ | libc::PROT_EXEC, |m| m.prot);
-        // SAFETY: restores the protection the page had before.
-        if unsafe { libc::mprotect(at as *mut libc::c_void, page, prot) } != 0 && failure.is_none()
+        if let Err(errno) = mprotect(at, page, prot)
+            && failure.is_none()
         {
-            failure = Some(std::io::Error::last_os_error());
+            failure = Some(ProtectError::PutBack(errno));
         }
     }
-    match failure {
-        None => Ok(()),
-        Some(e) => Err(ProtectError::Io(e)),
-    }
+    failure.map_or(Ok(()), Err)
 }
 
 /// The bytes now at `[address, address + len)`.
@@ -352,7 +406,8 @@ fn apply(
     for (i, write) in writes.iter().enumerate() {
         // SAFETY: every other thread is parked with its PC outside these bytes (rule 1).
         if let Err(failed) = unsafe { writer.write(write.address, &write.bytes, maps) } {
-            for (undo, before) in writes[..i].iter().zip(previous).rev() {
+            // The failed write may have changed some of its bytes (a short write): undo it too.
+            for (undo, before) in writes[..=i].iter().zip(previous).rev() {
                 // SAFETY: as above; these bytes were written a moment ago in this stop.
                 if let Err(undo_failed) = unsafe { writer.write(undo.address, before, maps) } {
                     return Err(CommitError::HalfWritten {

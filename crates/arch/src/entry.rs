@@ -139,17 +139,6 @@ impl EntryKind {
             EntryKind::Plain { .. } => "plain entry",
         }
     }
-
-    /// The bytes, from `function - PAD_LEN` for a patchable entry or from `function` for a
-    /// plain one, that the redirection relies on: if they are still the same, so is the plan.
-    pub fn analyzed_range(&self, function: usize) -> (usize, usize) {
-        match self {
-            EntryKind::Patchable { nop_offset, .. } => {
-                (function - PAD_LEN, PAD_LEN + nop_offset + 2)
-            }
-            EntryKind::Plain { relocated_len, .. } => (function, *relocated_len),
-        }
-    }
 }
 
 /// Decides how to redirect the function at `address` of `size` bytes. `pad` holds the

@@ -4,14 +4,15 @@
 //! number of times without stopping anything, and restored.
 //!
 //! A site's block outlives its redirection: a thread may still run its stub or trampoline, and a
-//! function redirected again reuses it while its code is unchanged.
+//! function redirected again reuses it while its code is what the plan was made from, or what
+//! the restore left.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
 use crate::code_memory::{self, MemoryError};
 use crate::code_write::{self, CodeWrite, CodeWriter, CommitError, WriteError};
-use crate::entry::{self, JMP_REL32_LEN, PAD_LEN, Unpatchable};
+use crate::entry::{self, EntryKind, JMP_REL32_LEN, PAD_LEN, Unpatchable};
 use crate::maps::{self, Mapping};
 use crate::stub::{self, Block, TRAMPOLINE_ROOM};
 
@@ -98,9 +99,13 @@ struct SiteRecord {
     name: String,
     info: SiteInfo,
     block: Block,
-    /// The function's bytes the plan was made from, and where they start.
+    /// The function's bytes the plan was made from (the pad before a patchable entry, and the
+    /// whole body, which the branch check read), and where they start.
     analyzed_at: usize,
     analyzed: Vec<u8>,
+    /// The same bytes after a redirection and its restore: a patchable entry's pad keeps the
+    /// jump to the stub, its entry becomes one 2-byte nop.
+    restored: Vec<u8>,
     /// Writes that redirect the function, and the ones that undo them.
     redirect: Vec<CodeWrite>,
     restore: Vec<CodeWrite>,
@@ -110,12 +115,15 @@ struct SiteRecord {
 }
 
 impl SiteRecord {
-    /// Whether the function's code is still what the plan was made from.
+    /// Whether the function's code is still what the plan was made from, or what restoring
+    /// this site's redirection left.
     fn is_current(&self, maps: &[Mapping]) -> bool {
-        maps::is_readable_code(maps, self.analyzed_at, self.analyzed.len())
-            // SAFETY: readable code (checked just before).
-            && unsafe { code_write::read_code(self.analyzed_at, self.analyzed.len()) }
-                == self.analyzed
+        if !maps::is_readable_code(maps, self.analyzed_at, self.analyzed.len()) {
+            return false;
+        }
+        // SAFETY: readable code (checked just before).
+        let now = unsafe { code_write::read_code(self.analyzed_at, self.analyzed.len()) };
+        now == self.analyzed || now == self.restored
     }
 
     /// Whether the function's entry still holds this site's redirection.
@@ -171,11 +179,12 @@ impl Planner {
     /// Plans the redirection of one function.
     pub fn plan(&mut self, spec: &SiteSpec<'_>) -> Result<SiteInfo, RedirectError> {
         let mut sites = sites();
-        if let Some(record) = sites.get(&spec.address) {
+        if let Some(record) = sites.get_mut(&spec.address) {
             if record.active {
                 return Err(unpatchable(spec, Unpatchable::AlreadyRedirected));
             }
             if record.is_current(&self.maps) {
+                record.name = spec.name.to_owned();
                 record.block.set_cookie(spec.cookie);
                 record.block.set_slot(record.info.original_entry);
                 return Ok(record.info.clone());
@@ -239,9 +248,19 @@ impl Planner {
             }
         })?;
         block.init_data(spec.cookie, plan.original_entry);
-        let (analyzed_at, analyzed_len) = kind.analyzed_range(spec.address);
-        // SAFETY: the analyzed bytes were read above (the pad, or the function's first bytes).
-        let analyzed = unsafe { code_write::read_code(analyzed_at, analyzed_len) };
+        let analyzed_at = match kind {
+            EntryKind::Patchable { .. } => spec.address - PAD_LEN,
+            EntryKind::Plain { .. } => spec.address,
+        };
+        let mut analyzed = pad
+            .filter(|_| analyzed_at < spec.address)
+            .unwrap_or_default();
+        analyzed.extend_from_slice(&code);
+        let mut restored = analyzed.clone();
+        for write in plan.redirect.iter().chain(&plan.restore) {
+            let at = write.address - analyzed_at;
+            restored[at..at + write.bytes.len()].copy_from_slice(&write.bytes);
+        }
         Ok(SiteRecord {
             name: spec.name.to_owned(),
             info: SiteInfo {
@@ -253,6 +272,7 @@ impl Planner {
             block,
             analyzed_at,
             analyzed,
+            restored,
             redirect: plan.redirect,
             restore: plan.restore,
             forbidden: plan.forbidden,

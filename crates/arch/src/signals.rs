@@ -5,6 +5,10 @@
 //! other threads are parked (allocating nothing, taking no lock), except [`install_handler`];
 //! pointers come from the kernel (a handler's `siginfo_t` and `ucontext_t`) or are our own
 //! locals, and are only read as the kernel lays them out.
+//!
+//! System calls go through [`syscall6`], the `syscall` instruction itself, not through libc: a
+//! patch may replace a libc function (`getpid`, `pwrite64`, `syscall` itself), and the agent
+//! must never run code it is patching while it patches it.
 
 use std::sync::atomic::AtomicU32;
 use std::time::Duration;
@@ -82,22 +86,72 @@ pub fn install_handler(signal: i32, handler: SignalHandler) -> Result<(), Signal
     Ok(())
 }
 
+/// A system call with up to six arguments, made with the `syscall` instruction; the kernel's
+/// raw result (a negative errno on failure).
+///
+/// # Safety
+/// The arguments are valid for system call `number`, as its kernel interface requires (memory
+/// it reads or writes, file descriptors it uses).
+pub unsafe fn syscall6(number: i64, args: [usize; 6]) -> isize {
+    let result: isize;
+    // SAFETY: the x86-64 Linux system call convention: number in rax, arguments in rdi, rsi,
+    // rdx, r10, r8, r9, result in rax; the kernel clobbers rcx and r11 and nothing else, and
+    // touches no stack. The caller vouches for the arguments.
+    unsafe {
+        core::arch::asm!(
+            "syscall",
+            inlateout("rax") number as isize => result,
+            in("rdi") args[0],
+            in("rsi") args[1],
+            in("rdx") args[2],
+            in("r10") args[3],
+            in("r8") args[4],
+            in("r9") args[5],
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    result
+}
+
+/// [`syscall6`] as `Ok(result)` or `Err(errno)`.
+///
+/// # Safety
+/// As [`syscall6`].
+pub unsafe fn syscall(number: i64, args: [usize; 6]) -> Result<usize, i32> {
+    // SAFETY: the caller's promise.
+    let r = unsafe { syscall6(number, args) };
+    if (-4095..0).contains(&r) {
+        Err(-r as i32)
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// A system call without pointer arguments.
+fn plain_syscall(number: i64, args: [usize; 6]) -> Result<usize, i32> {
+    // SAFETY: the callers below pass only integers, which no system call dereferences.
+    unsafe { syscall(number, args) }
+}
+
 /// This process's id, from the kernel (no cache that a `fork` could leave stale).
 pub fn getpid() -> i32 {
-    // SAFETY: getpid has no arguments and cannot fail.
-    unsafe { libc::syscall(libc::SYS_getpid) as i32 }
+    plain_syscall(libc::SYS_getpid, [0; 6]).unwrap_or(0) as i32
 }
 
 /// The calling thread's id.
 pub fn gettid() -> i32 {
-    // SAFETY: gettid has no arguments and cannot fail.
-    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+    plain_syscall(libc::SYS_gettid, [0; 6]).unwrap_or(0) as i32
 }
 
 /// Sends `signal` (0: only check existence) to thread `tid`; false when the thread is gone.
 pub fn tgkill(pid: i32, tid: i32, signal: i32) -> bool {
-    // SAFETY: tgkill takes plain integers; it only signals threads of our own process here.
-    unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, signal) == 0 }
+    plain_syscall(
+        libc::SYS_tgkill,
+        [pid as usize, tid as usize, signal as usize, 0, 0, 0],
+    )
+    .is_ok()
 }
 
 /// Sends `signal` to thread `tid` of process `pid` with `value` in the siginfo's `si_value`, so
@@ -119,14 +173,19 @@ pub fn tgkill_with_value(pid: i32, tid: i32, signal: i32, value: usize) -> bool 
     }
     // SAFETY: plain integers and a pointer to a valid siginfo; only our own process's threads.
     unsafe {
-        libc::syscall(
+        syscall(
             libc::SYS_rt_tgsigqueueinfo,
-            pid,
-            tid,
-            signal,
-            &info as *const libc::siginfo_t,
-        ) == 0
+            [
+                pid as usize,
+                tid as usize,
+                signal as usize,
+                &info as *const libc::siginfo_t as usize,
+                0,
+                0,
+            ],
+        )
     }
+    .is_ok()
 }
 
 /// The `si_value` a handler received from [`tgkill_with_value`] of this very process; `None`
@@ -213,28 +272,36 @@ const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE: i32 = 64;
 
 /// Registers the process for core-serializing memory barriers; false when the kernel lacks them.
 pub fn register_sync_core() -> bool {
-    // SAFETY: membarrier takes plain integers and only affects this process.
-    unsafe {
-        libc::syscall(
-            libc::SYS_membarrier,
-            MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE,
+    plain_syscall(
+        libc::SYS_membarrier,
+        [
+            MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE as usize,
             0,
-        ) == 0
-    }
+            0,
+            0,
+            0,
+            0,
+        ],
+    )
+    .is_ok()
 }
 
 /// Makes every thread execute a serializing instruction before it runs user code again, so no
 /// core keeps a stale decoded copy of rewritten code. False when the kernel did it not (no
 /// registration: kernels before 4.16); the caller serializes otherwise.
 pub fn sync_core() -> bool {
-    // SAFETY: as in `register_sync_core`.
-    unsafe {
-        libc::syscall(
-            libc::SYS_membarrier,
-            MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE,
+    plain_syscall(
+        libc::SYS_membarrier,
+        [
+            MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE as usize,
             0,
-        ) == 0
-    }
+            0,
+            0,
+            0,
+            0,
+        ],
+    )
+    .is_ok()
 }
 
 /// Sleeps while `*word == expected`, at most `timeout`.
@@ -247,29 +314,101 @@ pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
         .as_ref()
         .map_or(std::ptr::null(), |s| s as *const libc::timespec);
     // SAFETY: `word` is a valid, aligned 32-bit atomic for the duration of the call, and the
-    // timeout pointer is null or points to `spec`, alive until the call returns.
-    unsafe {
-        libc::syscall(
+    // timeout pointer is null or points to `spec`, alive until the call returns. A timeout,
+    // EINTR or EAGAIN (the word changed) all mean: look again, which the callers do.
+    let _ = unsafe {
+        syscall(
             libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
-            expected,
-            spec_ptr,
-        );
-    }
+            [
+                word.as_ptr() as usize,
+                (libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG) as usize,
+                expected as usize,
+                spec_ptr as usize,
+                0,
+                0,
+            ],
+        )
+    };
 }
 
 /// Wakes every thread sleeping on `word`.
 pub fn futex_wake(word: &AtomicU32) {
-    // SAFETY: `word` is a valid, aligned 32-bit atomic; FUTEX_WAKE only reads its address.
-    unsafe {
-        libc::syscall(
+    // SAFETY: `word` is a valid, aligned 32-bit atomic; FUTEX_WAKE only reads its address. It
+    // cannot fail for a valid private word.
+    let _ = unsafe {
+        syscall(
             libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
-            i32::MAX,
-        );
+            [
+                word.as_ptr() as usize,
+                (libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG) as usize,
+                i32::MAX as usize,
+                0,
+                0,
+                0,
+            ],
+        )
+    };
+}
+
+/// Opens `path` (NUL-terminated) read-only; the file descriptor or the errno.
+pub fn open_read_only(path: &[u8], directory: bool) -> Result<i32, i32> {
+    if path.last() != Some(&0) {
+        return Err(libc::EINVAL);
     }
+    let flags = libc::O_RDONLY | libc::O_CLOEXEC | if directory { libc::O_DIRECTORY } else { 0 };
+    // SAFETY: a NUL-terminated path that outlives the call.
+    unsafe {
+        syscall(
+            libc::SYS_openat,
+            [
+                libc::AT_FDCWD as usize,
+                path.as_ptr() as usize,
+                flags as usize,
+                0,
+                0,
+                0,
+            ],
+        )
+    }
+    .map(|fd| fd as i32)
+}
+
+/// Reads into `buffer`; the bytes read or the errno.
+pub fn read(fd: i32, buffer: &mut [u8]) -> Result<usize, i32> {
+    // SAFETY: the kernel writes at most `buffer.len()` bytes into it.
+    unsafe {
+        syscall(
+            libc::SYS_read,
+            [
+                fd as usize,
+                buffer.as_mut_ptr() as usize,
+                buffer.len(),
+                0,
+                0,
+                0,
+            ],
+        )
+    }
+}
+
+/// Closes a descriptor this module opened.
+pub fn close(fd: i32) {
+    // Nothing to do about a failing close of a read-only descriptor.
+    let _ = plain_syscall(libc::SYS_close, [fd as usize, 0, 0, 0, 0, 0]);
+}
+
+/// Whether the calling thread runs on its alternate signal stack.
+pub fn on_alternate_signal_stack() -> bool {
+    let mut current = std::mem::MaybeUninit::<libc::stack_t>::zeroed();
+    // SAFETY: querying only (NULL new stack); `current` is valid for writes.
+    let r = unsafe {
+        syscall(
+            libc::SYS_sigaltstack,
+            [0, current.as_mut_ptr() as usize, 0, 0, 0, 0],
+        )
+    };
+    // SAFETY: zero-initialized and filled by a successful call.
+    r.is_ok() && unsafe { current.assume_init() }.ss_flags & libc::SS_ONSTACK != 0
 }
 
 /// Whether `signal` waits for thread `tid` of this process because the thread blocks it: pending
@@ -285,36 +424,17 @@ pub fn signal_held_blocked(tid: i32, signal: i32) -> bool {
     path[end..end + suffix.len()].copy_from_slice(suffix);
     end += suffix.len();
     let mut buffer = [0u8; 4096];
-    // SAFETY: `path` is NUL-terminated within its bounds.
-    let fd = unsafe {
-        libc::open(
-            path[..end].as_ptr().cast(),
-            libc::O_RDONLY | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
+    let Ok(fd) = open_read_only(&path[..end], false) else {
         return false;
-    }
+    };
     let mut filled = 0;
-    loop {
-        // SAFETY: reading into the unused tail of `buffer`, within its bounds.
-        let n = unsafe {
-            libc::read(
-                fd,
-                buffer[filled..].as_mut_ptr().cast(),
-                buffer.len() - filled,
-            )
-        };
-        if n <= 0 {
-            break;
-        }
-        filled += n as usize;
-        if filled == buffer.len() {
-            break;
+    while filled < buffer.len() {
+        match read(fd, &mut buffer[filled..]) {
+            Ok(n) if n > 0 => filled += n,
+            _ => break,
         }
     }
-    // SAFETY: `fd` was opened above and is closed once.
-    unsafe { libc::close(fd) };
+    close(fd);
     let text = &buffer[..filled];
     let bit = 1u64 << (signal - 1);
     let pending = status_mask(text, b"SigPnd:") | status_mask(text, b"ShdPnd:");
@@ -372,33 +492,31 @@ impl TaskListing {
 
     /// Calls `each` with every thread id of the process.
     pub fn for_each_tid(&mut self, mut each: impl FnMut(i32)) {
-        // SAFETY: the path is a NUL-terminated literal.
-        let fd = unsafe {
-            libc::open(
-                c"/proc/self/task".as_ptr(),
-                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-            )
-        };
-        if fd < 0 {
+        let Ok(fd) = open_read_only(b"/proc/self/task\0", true) else {
             return;
-        }
+        };
         loop {
             // SAFETY: getdents64 writes at most `len` bytes into our buffer.
-            let n = unsafe {
-                libc::syscall(
+            let n = match unsafe {
+                syscall(
                     libc::SYS_getdents64,
-                    fd,
-                    self.buffer.as_mut_ptr(),
-                    self.buffer.len(),
+                    [
+                        fd as usize,
+                        self.buffer.as_mut_ptr() as usize,
+                        self.buffer.len(),
+                        0,
+                        0,
+                        0,
+                    ],
                 )
+            } {
+                Ok(n) if n > 0 => n,
+                _ => break,
             };
-            if n <= 0 {
-                break;
-            }
             let mut offset = 0usize;
-            while offset < n as usize {
+            while offset < n {
                 // linux_dirent64: u64 ino, i64 off, u16 reclen, u8 type, char name[].
-                let record = &self.buffer[offset..n as usize];
+                let record = &self.buffer[offset..n];
                 let reclen = u16::from_ne_bytes([record[16], record[17]]) as usize;
                 let name = &record[19..reclen];
                 let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
@@ -411,8 +529,7 @@ impl TaskListing {
                 offset += reclen.max(1);
             }
         }
-        // SAFETY: `fd` was opened above and is closed once.
-        unsafe { libc::close(fd) };
+        close(fd);
     }
 }
 

@@ -145,8 +145,9 @@ fn round_trip(lib: &Library, expected_kind: &str) {
     if expected_kind == "plain entry" {
         assert_eq!(after, before, "the original bytes are back");
     }
-    // A second redirect reuses the site and works the same.
-    redirect::redirect(&[lib.spec("answer")]).unwrap();
+    // A second redirect reuses the site and works the same, through the same kind of entry.
+    let again = redirect::redirect(&[lib.spec("answer")]).unwrap();
+    assert_eq!(again, sites, "the second redirect is the first one's site");
     redirect::set_dispatch(answer_addr, Dispatch::Jump(better)).unwrap();
     assert_eq!(answer(1), 100);
     redirect::restore(&[answer_addr]).unwrap();
@@ -166,6 +167,29 @@ fn patchable_entry_redirects_and_restores() {
     // GCC's two one-byte nops became one two-byte nop.
     let answer = lib.symbol("answer");
     assert_eq!(code(answer, 2), [0x66, 0x90]);
+}
+
+/// A function too short for a plain entry, with a patchable one.
+const TINY: &str = "void nothing(void) { }\nint better(int x) { return x; }\n";
+
+#[test]
+fn a_tiny_patchable_function_is_redirected_again_after_a_restore() {
+    let _serial = setup();
+    let lib = library(
+        "tiny_patchable",
+        "cc",
+        TINY,
+        &["-fpatchable-function-entry=16,14", "-fcf-protection=none"],
+    );
+    let nothing = lib.symbol("nothing");
+    assert_eq!(code(nothing, 3), [0x90, 0x90, 0xc3], "a 3-byte function");
+    for round in 0..3 {
+        let sites = redirect::redirect(&[lib.spec("nothing")])
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert_eq!(sites[0].kind, "patchable entry", "round {round}");
+        redirect::restore(&[nothing]).unwrap();
+        assert_eq!(code(nothing, 3), [0x66, 0x90, 0xc3]);
+    }
 }
 
 #[test]

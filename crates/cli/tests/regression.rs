@@ -4,8 +4,8 @@ mod support;
 
 use std::path::Path;
 
-use support::refusal::{assert_loads, assert_refused, assert_succeeds, call, load, snapshot};
-use support::{Cc, Target, VALUE_PATCH, agent_log, library, path_str};
+use support::refusal::{assert_loads, assert_refused, assert_succeeds, call, code, load, snapshot};
+use support::{Cc, Target, VALUE_PATCH, agent_log, library, path_str, status_json, wait_for};
 
 /// Issue 8: everything that refuses a patch is found before the first callback runs. The
 /// second function of the patch lies in a library whose neighbourhood the program has filled,
@@ -123,17 +123,19 @@ fn blocked_signals(pid: &str, tid: &str) -> u64 {
     u64::from_str_radix(mask.trim(), 16).unwrap()
 }
 
-/// The thread of `pid` named `name`.
+/// The thread of `pid` named `name`, once it has that name (a thread names itself as it starts).
 fn thread_named(pid: &str, name: &str) -> String {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .find(|tid| {
-            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
-                .is_ok_and(|comm| comm.trim_end() == name)
-        })
-        .unwrap_or_else(|| panic!("no thread {name} in process {pid}"))
+    wait_for(&format!("a thread named {name} in process {pid}"), || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map_err(|e| e.to_string())?
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .find(|tid| {
+                std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+                    .is_ok_and(|comm| comm.trim_end() == name)
+            })
+            .ok_or_else(|| "none yet".to_string())
+    })
 }
 
 /// Issue 8: the agent never receives the program's signals. A program that blocks SIGCHLD in
@@ -174,4 +176,51 @@ fn r8_a_program_taking_sigchld_synchronously_gets_every_one_with_the_agent_in_it
     assert_succeeds(&["disable", &pid, "r8-sigchld-value"]);
     target.send("fork 20");
     target.expect("got SIGCHLD of 20 of 20 children");
+}
+
+/// Issue 8 (review): an entry that cannot be restored yet, because a thread blocks every signal
+/// and cannot be stopped for the write, runs the original code through its stub, and is
+/// restored once the thread lets itself be stopped.
+#[test]
+fn r8_an_entry_restored_while_a_thread_blocks_every_signal_is_restored_later() {
+    let host = Cc::program("regression/blocker-host.c").build("r8-blocker-host");
+    let patch = Cc::library(VALUE_PATCH).build("r8-blocker-value");
+    let mut target = Target::start(&host);
+    let pid = target.pid();
+    let original = code(&mut target, "value");
+    assert_loads(&pid, &patch);
+    assert_eq!(call(&mut target, "value"), "call value = 2");
+
+    target.send("block");
+    target.expect("blocker: blocking every signal");
+    assert_succeeds(&["disable", &pid, "r8-blocker-value", "--no-wait"]);
+    // The blocker cannot answer the check: only a force ends the transition.
+    assert_succeeds(&["force", &pid, "r8-blocker-value"]);
+    wait_for("the unpatching transition to end", || {
+        match status_json(&pid)["transition"].is_null() {
+            true => Ok(()),
+            false => Err("still in transition".into()),
+        }
+    });
+    assert_eq!(call(&mut target, "value"), "call value = 1");
+    assert_ne!(
+        code(&mut target, "value"),
+        original,
+        "restored with a thread not stopped"
+    );
+    assert!(
+        agent_log(&pid)
+            .iter()
+            .any(|l| l.contains("stay redirected to their stubs")),
+        "{:#?}",
+        agent_log(&pid)
+    );
+
+    target.send("release");
+    target.expect("blocker: released");
+    wait_for("the entry of value to be restored", || {
+        let now = code(&mut target, "value");
+        if now == original { Ok(()) } else { Err(now) }
+    });
+    assert_eq!(call(&mut target, "value"), "call value = 1");
 }

@@ -315,8 +315,11 @@ impl Livepatch {
 
     /// A shared object is being loaded (kernel: `klp_module_coming`): apply
     /// every enabled patch that targets it, before the object's code can run.
-    /// On error the patches applied so far are reverted and the object must
-    /// not be loaded.
+    /// Unlike the kernel, which initializes and applies one patch after the
+    /// other, every patch's object is initialized (build ids, symbols, plans)
+    /// before the first callback runs, so that a refusal runs none. On error
+    /// the patches applied so far are reverted and the object must not be
+    /// loaded.
     pub fn object_coming<P: Platform>(
         &mut self,
         p: &mut P,
@@ -332,26 +335,46 @@ impl Livepatch {
             });
         }
         let tp = self.transition.as_ref().map(|t| t.patch);
-        for idx in 0..self.patches.len() {
-            let Some(obj) = self.patches[idx]
-                .objects
-                .iter()
-                .position(|o| o.matches(Some(object)))
-            else {
-                continue;
-            };
+        // Every patch's object for it, in enable order; one already loaded (the object came in
+        // with a patch library, before that patch was enabled) has been patched already.
+        let targets: Vec<(usize, usize)> = (0..self.patches.len())
+            .filter_map(|idx| {
+                self.patches[idx]
+                    .objects
+                    .iter()
+                    .position(|o| o.matches(Some(object)) && !o.loaded)
+                    .map(|obj| (idx, obj))
+            })
+            .collect();
+
+        // Everything that can refuse the object, for every patch, before any callback runs or
+        // any code is written: build ids, symbols, the plan of each redirection.
+        for (i, &(idx, obj)) in targets.iter().enumerate() {
+            let name = self.patches[idx].name.clone();
+            let o = &mut self.patches[idx].objects[obj];
+            o.loaded = true;
+            if let Err(err) = init_object_loaded(p, o) {
+                p.log(log::failed_to_initialize_for_module(
+                    &name,
+                    object,
+                    err.errno.negative(),
+                ));
+                p.log(log::refusing_to_load_module(&name, object));
+                for &(j, ob) in &targets[..=i] {
+                    free_object_loaded(&mut self.patches[j].objects[ob]);
+                }
+                return Err(ComingError {
+                    patch: name,
+                    object: object.to_string(),
+                    errno: err.errno,
+                    reason: err.reason,
+                });
+            }
+        }
+
+        for (i, &(idx, obj)) in targets.iter().enumerate() {
             let name = self.patches[idx].name.clone();
             let failure = 'coming: {
-                let o = &mut self.patches[idx].objects[obj];
-                o.loaded = true;
-                if let Err(err) = init_object_loaded(p, o) {
-                    p.log(log::failed_to_initialize_for_module(
-                        &name,
-                        object,
-                        err.errno.negative(),
-                    ));
-                    break 'coming Some((err.errno, err.reason));
-                }
                 p.log(log::applying_patch_to_loading(&name, object));
                 let ret = self.pre_patch_callback(p, idx, obj);
                 if ret != 0 {
@@ -378,6 +401,10 @@ impl Livepatch {
             if let Some((errno, reason)) = failure {
                 p.log(log::refusing_to_load_module(&name, object));
                 free_object_loaded(&mut self.patches[idx].objects[obj]);
+                // The patches after this one were only initialized.
+                for &(j, ob) in &targets[i + 1..] {
+                    free_object_loaded(&mut self.patches[j].objects[ob]);
+                }
                 self.cleanup_object_patches(p, object, Some(idx));
                 return Err(ComingError {
                     patch: name,

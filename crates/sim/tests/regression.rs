@@ -171,3 +171,46 @@ fn r8_free_all_runs_destructors_in_a_defined_order() {
     );
     assert_eq!(*order.borrow(), [0x1000, 0x2000, 0x3000, 0x4000, 0x5000]);
 }
+
+/// Issue 8: a library that comes is refused before any patch's callback runs or any code is
+/// written for it, even when the patch that refuses it is not the first that targets it.
+#[test]
+fn r8_a_coming_library_refused_by_a_later_patch_runs_no_earlier_patch_callback() {
+    let mut sim = Sim::default();
+    sim.world
+        .add_functions(Some("libplug.so"), &[("value", 0x40), ("second", 0x40)]);
+    sim.world
+        .set_build_id(Some("libplug.so"), Some(vec![0x01, 0x02]));
+    let mut first = two_function_patch(&mut sim, Some("libplug.so"), None);
+    first.name = "first".into();
+    let mut second = two_function_patch(&mut sim, Some("libplug.so"), Some("0103"));
+    second.name = "second".into();
+    sim.load_lp(&first, "");
+    sim.load_lp(&second, "");
+    sim.world.clear_log();
+    let plugin = TargetModule {
+        name: "libplug.so".into(),
+        functions: vec![],
+        init: Box::new(|_| {}),
+        exit: Box::new(|_| {}),
+    };
+    assert_eq!(sim.insmod_target(plugin, ""), Err(Errno::EINVAL));
+    assert_transcript(
+        &sim.transcript(),
+        &[
+            insmod("libplug.so", ""),
+            "livepatch: failed to initialize patch 'second' for module 'libplug.so' (-22)".into(),
+            "livepatch: patch 'second' failed for module 'libplug.so', refusing to load module 'libplug.so'".into(),
+            "insmod: ERROR: could not insert module test_modules/libplug.so.ko: Invalid parameters".into(),
+        ],
+    );
+    assert!(sim.world.sites().is_empty());
+    let statuses = sim.core.patch_statuses();
+    assert!(
+        statuses
+            .iter()
+            .flat_map(|p| &p.objects)
+            .all(|o| !o.loaded && !o.patched),
+        "{statuses:?}"
+    );
+}

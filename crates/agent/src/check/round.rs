@@ -2,6 +2,8 @@
 //! once: publish the round's configuration, signal every pending thread, wait for their
 //! answers (or the deadline), retire the configuration, read the results.
 
+#![forbid(unsafe_code)]
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};

@@ -108,13 +108,10 @@ pub fn scan_stack(cfg: &CheckConfig, pc: u64, sp: u64, top: u64) -> Verdict {
     }
 }
 
-/// Whether the calling thread runs on its alternate signal stack.
+/// Whether the calling thread runs on its alternate signal stack (its stack pointer is then
+/// in a mapping that is not its stack).
 pub fn on_alt_stack() -> bool {
-    let mut ss = std::mem::MaybeUninit::<libc::stack_t>::zeroed();
-    // SAFETY: querying only (NULL new stack); `ss` is valid for writes.
-    let r = unsafe { libc::sigaltstack(std::ptr::null(), ss.as_mut_ptr()) };
-    // SAFETY: zero-initialized and filled by a successful call.
-    r == 0 && unsafe { ss.assume_init() }.ss_flags & libc::SS_ONSTACK != 0
+    livepatch_arch::signals::on_alternate_signal_stack()
 }
 
 #[cfg(test)]

@@ -31,6 +31,7 @@ pub fn handle(agent: &Agent, command: Command) -> Response {
     let mut guard = agent.lock();
     let state = &mut *guard;
     state.platform.objects.refresh();
+    state.platform.retry_restores();
     match command {
         Command::Load { path } => load(state, &path),
         Command::Disable { patch } => set_enabled(state, &patch, false),

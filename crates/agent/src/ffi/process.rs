@@ -34,15 +34,8 @@ pub fn remove_at_exit(path: &Path) {
     }
 }
 
-/// Starts the agent's own thread with every signal blocked except `keep` (the agent's own
-/// signals) and the synchronous ones a fault raises, so that the program's process-directed
-/// signals (SIGCHLD, SIGTERM, ...) always reach the program's threads, as without the agent.
-/// The mask is set before the thread exists (it inherits it), so no signal can slip in first.
-pub fn spawn_without_signals(
-    name: &str,
-    keep: &[i32],
-    body: impl FnOnce() + Send + 'static,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
+/// Every signal but `keep` and the synchronous ones a fault raises.
+fn all_signals_but(keep: &[i32]) -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; sigfillset initializes it fully.
     let mut blocked: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: a valid sigset_t of ours.
@@ -59,6 +52,37 @@ pub fn spawn_without_signals(
         // SAFETY: as above; an invalid number only makes sigdelset fail, which leaves the set.
         unsafe { libc::sigdelset(&mut blocked, signal) };
     }
+    blocked
+}
+
+/// Runs `f` on the calling thread with every signal blocked but `keep` and the synchronous
+/// ones: a program's signal handler must not run in the middle of what the agent does on a
+/// program thread (publishing a dispatch, stopping the world), where it could wait for the
+/// agent forever. The thread's mask is put back after.
+pub fn with_signals_blocked<R>(keep: &[i32], f: impl FnOnce() -> R) -> R {
+    let blocked = all_signals_but(keep);
+    // SAFETY: sigset_t is plain data, filled by pthread_sigmask below.
+    let mut previous: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid sets; changes only the calling thread's mask, restored below.
+    let masked = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &blocked, &mut previous) } == 0;
+    let result = f();
+    if masked {
+        // SAFETY: restores the mask read above; it cannot fail for a valid set.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut()) };
+    }
+    result
+}
+
+/// Starts the agent's own thread with every signal blocked except `keep` (the agent's own
+/// signals) and the synchronous ones a fault raises, so that the program's process-directed
+/// signals (SIGCHLD, SIGTERM, ...) always reach the program's threads, as without the agent.
+/// The mask is set before the thread exists (it inherits it), so no signal can slip in first.
+pub fn spawn_without_signals(
+    name: &str,
+    keep: &[i32],
+    body: impl FnOnce() + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let blocked = all_signals_but(keep);
     // SAFETY: sigset_t is plain data, filled by pthread_sigmask below.
     let mut previous: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: valid sets; changes only the calling thread's mask, restored below.

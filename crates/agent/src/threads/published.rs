@@ -2,6 +2,8 @@
 //! the state of threads born from now on (`klp_copy_process`). Read by signal handlers, the
 //! stub's slow path and threads being born, so kept in atomics.
 
+#![forbid(unsafe_code)]
+
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use livepatch_core::{PackedThreadState, PatchState, ThreadState};

@@ -2,7 +2,9 @@
 //! (`klp_synchronize_transition`): a thread there may act on a dispatch or a state it read
 //! before the core changed them.
 
-use std::sync::atomic::Ordering;
+#![forbid(unsafe_code)]
+
+use std::sync::atomic::{Ordering, fence};
 use std::time::{Duration, Instant};
 
 use livepatch_arch::signals::gettid;
@@ -17,6 +19,11 @@ pub const SLOW_PATH_PATIENCE: Duration = Duration::from_secs(5);
 pub fn set_in_slow_path(inside: bool) {
     if let Some(rec) = record(gettid()) {
         rec.in_slow_path.store(u8::from(inside), Ordering::SeqCst);
+        if inside {
+            // Pairs with the fence in `synchronize`: either the control thread sees this flag,
+            // or this thread sees the dispatch the control thread published before waiting.
+            fence(Ordering::SeqCst);
+        }
     }
 }
 
@@ -35,6 +42,10 @@ pub struct StillInSlowPath {
 /// [`SLOW_PATH_PATIENCE`] (stopped by a debugger) is returned, so the caller can say so; the
 /// others have been waited for.
 pub fn synchronize(tids: &[Tid]) -> Result<(), StillInSlowPath> {
+    // Pairs with the fence in `set_in_slow_path`: the dispatches and states published before
+    // this call are ordered before the flags read below (a store-to-load order, which only a
+    // full fence gives).
+    fence(Ordering::SeqCst);
     let mut late = None;
     for &tid in tids {
         let Some(rec) = record(tid) else { continue };
