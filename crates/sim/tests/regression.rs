@@ -43,6 +43,16 @@ fn two_function_patch(sim: &mut Sim, object: Option<&str>, build_id: Option<&str
     }
 }
 
+/// `libplug.so` as a module that does nothing when it loads or goes.
+fn plugin() -> TargetModule {
+    TargetModule {
+        name: "libplug.so".into(),
+        functions: vec![],
+        init: Box::new(|_| {}),
+        exit: Box::new(|_| {}),
+    }
+}
+
 /// Issue 8: everything that refuses a patch is found before the first callback runs. The
 /// second function of the patch cannot be redirected: the patch is refused with no callback
 /// run, no "enabling patch" line, and nothing planned left registered.
@@ -102,13 +112,7 @@ fn r8_a_patch_for_another_build_is_refused_at_enable_and_when_its_library_comes(
     let for_plug = two_function_patch(&mut sim, Some("libplug.so"), Some("0102"));
     sim.load_lp(&for_plug, "");
     sim.world.clear_log();
-    let plugin = TargetModule {
-        name: "libplug.so".into(),
-        functions: vec![],
-        init: Box::new(|_| {}),
-        exit: Box::new(|_| {}),
-    };
-    assert_eq!(sim.insmod_target(plugin, ""), Err(Errno::EINVAL));
+    assert_eq!(sim.insmod_target(plugin(), ""), Err(Errno::EINVAL));
     assert_transcript(
         &sim.transcript(),
         &[
@@ -188,13 +192,7 @@ fn r8_a_coming_library_refused_by_a_later_patch_runs_no_earlier_patch_callback()
     sim.load_lp(&first, "");
     sim.load_lp(&second, "");
     sim.world.clear_log();
-    let plugin = TargetModule {
-        name: "libplug.so".into(),
-        functions: vec![],
-        init: Box::new(|_| {}),
-        exit: Box::new(|_| {}),
-    };
-    assert_eq!(sim.insmod_target(plugin, ""), Err(Errno::EINVAL));
+    assert_eq!(sim.insmod_target(plugin(), ""), Err(Errno::EINVAL));
     assert_transcript(
         &sim.transcript(),
         &[
