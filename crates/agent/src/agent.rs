@@ -48,8 +48,8 @@ pub enum StartError {
     #[error(transparent)]
     StopSignal(#[from] livepatch_arch::stop_world::StopError),
     /// The control socket could not be created.
-    #[error("cannot create the control socket: {0}")]
-    Socket(std::io::Error),
+    #[error("no control socket: {0}")]
+    Socket(crate::control::socket::SocketError),
     /// The control thread could not be started.
     #[error("cannot start the control thread: {0}")]
     Thread(std::io::Error),

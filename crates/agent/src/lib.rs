@@ -59,9 +59,10 @@ pub fn start() -> Result<(), StartError> {
 fn start_once() -> Result<(), StartError> {
     ffi::dl::resolve_next_definitions();
     let agent = Agent::new()?;
-    let (listener, path) = control::server::bind(agent.pid()).map_err(StartError::Socket)?;
+    let socket = control::socket::bind(agent.pid()).map_err(StartError::Socket)?;
     let agent = AGENT.get_or_init(|| agent);
-    ffi::process::remove_at_exit(&path);
+    ffi::process::remove_at_exit(&socket.path, agent.pid());
+    let listener = socket.listener;
     let own_signals = {
         let state = agent.lock();
         let check = state.platform.check_signal;

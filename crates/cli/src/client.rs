@@ -1,42 +1,60 @@
 //! A connection to the agent of one process.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
-use livepatch_protocol::{Command, Outcome, Progress, Request, Response, Status, socket_path};
+use livepatch_protocol::{Command, Outcome, Progress, Request, Response, Status};
 
-/// A connected client.
+use crate::socket;
+
+/// A connected client, whose every exchange ends by its deadline.
 pub struct Client {
     pid: u32,
     reader: BufReader<UnixStream>,
     writer: UnixStream,
+    deadline: Instant,
 }
 
 impl Client {
-    /// Connects to the agent of `pid`.
-    pub fn connect(pid: u32) -> anyhow::Result<Client> {
-        let path = socket_path(pid);
+    /// Connects to the agent of `pid`, checking that it is that process that answers; nothing
+    /// of this connection waits past `deadline`.
+    pub fn connect(pid: u32, deadline: Instant) -> anyhow::Result<Client> {
         if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             bail!("no process {pid}");
         }
-        let stream = UnixStream::connect(&path).map_err(|e| {
-            anyhow!(
-                "no livepatch agent answers in process {pid} ({}: {e}); start the program with \
-                 `livepatch run PROGRAM` or with LD_PRELOAD=$(livepatch agent-path)",
-                path.display()
-            )
-        })?;
-        // The agent answers at once except while it runs a transition step;
-        // a minute covers even a patch of many thousand functions.
-        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let stream = socket::connect_to(pid, deadline)?;
         let writer = stream.try_clone()?;
         Ok(Client {
             pid,
             reader: BufReader::new(stream),
             writer,
+            deadline,
         })
+    }
+
+    /// The time left before the deadline, at least a millisecond (a zero timeout means
+    /// "forever" to the socket).
+    fn left(&self) -> anyhow::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(self.silent());
+        }
+        Ok(left.max(Duration::from_millis(1)))
+    }
+
+    fn silent(&self) -> anyhow::Error {
+        anyhow!(
+            "process {} does not answer (state {})",
+            self.pid,
+            socket::process_state(self.pid)
+        )
+    }
+
+    /// Moves the deadline (for `log --follow`, whose every request gets the timeout).
+    pub fn extend_deadline(&mut self, deadline: Instant) {
+        self.deadline = deadline;
     }
 
     /// Sends a request and returns the outcome; an error outcome becomes an
@@ -44,14 +62,28 @@ impl Client {
     pub fn call(&mut self, command: Command) -> anyhow::Result<Outcome> {
         let mut line = serde_json::to_string(&Request::new(command))?;
         line.push('\n');
-        self.writer
-            .write_all(line.as_bytes())
-            .with_context(|| format!("sending a request to the agent of process {}", self.pid))?;
+        self.writer.set_write_timeout(Some(self.left()?))?;
+        if let Err(e) = self.writer.write_all(line.as_bytes()) {
+            if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
+                return Err(self.silent());
+            }
+            return Err(e).with_context(|| {
+                format!("sending a request to the agent of process {}", self.pid)
+            });
+        }
         let mut reply = String::new();
-        let n = self
-            .reader
-            .read_line(&mut reply)
-            .with_context(|| format!("reading the answer of the agent of process {}", self.pid))?;
+        self.reader.get_ref().set_read_timeout(Some(self.left()?))?;
+        let n = match self.reader.read_line(&mut reply) {
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(self.silent());
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("reading the answer of the agent of process {}", self.pid)
+                });
+            }
+        };
         if n == 0 {
             bail!("the agent of process {} closed the connection", self.pid);
         }

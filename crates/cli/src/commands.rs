@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
-use livepatch_protocol::{Command, Outcome, Progress, socket_dir};
+use livepatch_protocol::{Command, Outcome, Progress};
 
 use crate::Failure;
 use crate::client::Client;
@@ -24,12 +24,23 @@ pub struct Wait {
 
 impl Wait {
     /// From the `--no-wait` and `--timeout` options.
-    pub fn new(no_wait: bool, timeout_secs: f64) -> Wait {
+    pub fn new(no_wait: bool, timeout: Duration) -> Wait {
         Wait {
             enabled: !no_wait,
-            timeout: Duration::from_secs_f64(timeout_secs.max(0.0)),
+            timeout,
         }
     }
+
+    /// When the whole command must be done: the timeout, and time for the last wait request
+    /// (the agent answers one within a quarter of a second).
+    fn deadline(&self, start: Instant) -> Instant {
+        start + self.timeout + Duration::from_millis(500)
+    }
+}
+
+/// The deadline of a command that may take `timeout`.
+fn deadline(timeout: Duration) -> Instant {
+    Instant::now() + timeout
 }
 
 /// Entry point for `livepatch run`: exec the program with the agent
@@ -61,10 +72,11 @@ pub fn include_path() -> Result {
 
 /// Entry point for `livepatch load`.
 pub fn load(pid: u32, patch: &Path, wait: Wait) -> Result {
+    let start = Instant::now();
     let path = patch
         .canonicalize()
         .with_context(|| format!("cannot use patch library {}", patch.display()))?;
-    let mut client = Client::connect(pid)?;
+    let mut client = Client::connect(pid, wait.deadline(start))?;
     let outcome = client.call(Command::Load {
         path: path.display().to_string(),
     })?;
@@ -90,7 +102,7 @@ pub fn load(pid: u32, patch: &Path, wait: Wait) -> Result {
 
 /// Entry point for `livepatch disable`.
 pub fn disable(pid: u32, patch: &str, wait: Wait) -> Result {
-    let mut client = Client::connect(pid)?;
+    let mut client = Client::connect(pid, wait.deadline(Instant::now()))?;
     client.call(Command::Disable {
         patch: patch.into(),
     })?;
@@ -112,8 +124,8 @@ pub fn disable(pid: u32, patch: &str, wait: Wait) -> Result {
 }
 
 /// Entry point for `livepatch enable`.
-pub fn enable(pid: u32, patch: &str) -> Result {
-    Client::connect(pid)?.call(Command::Enable {
+pub fn enable(pid: u32, patch: &str, timeout: Duration) -> Result {
+    Client::connect(pid, deadline(timeout))?.call(Command::Enable {
         patch: patch.into(),
     })?;
     println!("livepatch: transition of patch '{patch}' reversed to patching in process {pid}");
@@ -121,8 +133,8 @@ pub fn enable(pid: u32, patch: &str) -> Result {
 }
 
 /// Entry point for `livepatch force`.
-pub fn force(pid: u32, patch: &str) -> Result {
-    Client::connect(pid)?.call(Command::Force {
+pub fn force(pid: u32, patch: &str, timeout: Duration) -> Result {
+    Client::connect(pid, deadline(timeout))?.call(Command::Force {
         patch: patch.into(),
     })?;
     println!(
@@ -133,8 +145,8 @@ pub fn force(pid: u32, patch: &str) -> Result {
 }
 
 /// Entry point for `livepatch unload`.
-pub fn unload(pid: u32, patch: &str) -> Result {
-    Client::connect(pid)?.call(Command::Unload {
+pub fn unload(pid: u32, patch: &str, timeout: Duration) -> Result {
+    Client::connect(pid, deadline(timeout))?.call(Command::Unload {
         patch: patch.into(),
     })?;
     println!("livepatch: patch library of '{patch}' unloaded from process {pid}");
@@ -142,42 +154,54 @@ pub fn unload(pid: u32, patch: &str) -> Result {
 }
 
 /// Entry point for `livepatch list`.
-pub fn list(pid: Option<u32>) -> Result {
+pub fn list(pid: Option<u32>, timeout: Duration) -> Result {
     let rows = match pid {
         // One process asked for by name: any failure is an error.
-        Some(pid) => vec![(pid, Some(Client::connect(pid)?.status()?))],
+        Some(pid) => vec![(
+            pid,
+            Some(Client::connect(pid, deadline(timeout))?.status()?),
+        )],
         // Sockets of processes that died or whose agent does not answer are
         // listed without patches rather than failing the listing.
-        None => agent_pids()?
+        None => agent_pids()
             .into_iter()
-            .map(|pid| (pid, Client::connect(pid).and_then(|mut c| c.status()).ok()))
+            .map(|pid| {
+                let status = Client::connect(pid, deadline(timeout)).and_then(|mut c| c.status());
+                (pid, status.ok())
+            })
             .collect(),
     };
     print!("{}", render::list(&rows));
     Ok(())
 }
 
-/// The processes whose agent socket exists and that are alive.
-fn agent_pids() -> anyhow::Result<Vec<u32>> {
-    let dir = socket_dir();
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return Ok(Vec::new());
-    };
-    let mut pids: Vec<u32> = entries
-        .filter_map(|e| e.ok())
+/// The processes that have an agent's socket (in any base directory, under any user's
+/// directory this command may read) and that are alive.
+fn agent_pids() -> Vec<u32> {
+    let mut bases = livepatch_protocol::socket::bases(
+        std::env::var_os(livepatch_protocol::socket::SOCKET_DIR_ENV).as_deref(),
+    );
+    bases.extend(livepatch_protocol::socket::bases(None));
+    let mut pids: Vec<u32> = bases
+        .iter()
+        .filter_map(|base| std::fs::read_dir(base).ok())
+        .flatten()
+        .filter_map(|user| std::fs::read_dir(user.ok()?.path()).ok())
+        .flatten()
         .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
+            let name = e.ok()?.file_name().into_string().ok()?;
             name.strip_suffix(".sock")?.parse().ok()
         })
         .filter(|pid| Path::new(&format!("/proc/{pid}")).exists())
         .collect();
     pids.sort_unstable();
-    Ok(pids)
+    pids.dedup();
+    pids
 }
 
 /// Entry point for `livepatch status`.
-pub fn status(pid: u32, patch: Option<&str>, json: bool) -> Result {
-    let mut status = Client::connect(pid)?.status()?;
+pub fn status(pid: u32, patch: Option<&str>, json: bool, timeout: Duration) -> Result {
+    let mut status = Client::connect(pid, deadline(timeout))?.status()?;
     if let Some(name) = patch {
         if !status.patches.iter().any(|p| p.name == name)
             && !status.unloadable.iter().any(|l| l.patch == name)
@@ -199,10 +223,12 @@ pub fn status(pid: u32, patch: Option<&str>, json: bool) -> Result {
 }
 
 /// Entry point for `livepatch log`.
-pub fn log(pid: u32, follow: bool) -> Result {
-    let mut client = Client::connect(pid)?;
+pub fn log(pid: u32, follow: bool, timeout: Duration) -> Result {
+    let mut client = Client::connect(pid, deadline(timeout))?;
     let mut after = 0;
     loop {
+        // Following has no end: the timeout bounds each request.
+        client.extend_deadline(deadline(timeout));
         let Outcome::Log { lines } = client.call(Command::Log { after })? else {
             return Err(anyhow!("unexpected answer to a log request").into());
         };

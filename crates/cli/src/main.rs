@@ -10,9 +10,11 @@ mod client;
 mod commands;
 mod paths;
 mod render;
+mod socket;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -52,9 +54,9 @@ enum Verb {
         /// Return once the transition started; do not wait for it.
         #[arg(long)]
         no_wait: bool,
-        /// How long to wait for the transition, in seconds.
-        #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
-        timeout: f64,
+        /// How long the command may take, waiting for the transition included, in seconds.
+        #[arg(long, value_name = "SECONDS", default_value = "60", value_parser = parse_seconds)]
+        timeout: Duration,
     },
     /// Disable a patch (or reverse its patching transition).
     Disable {
@@ -65,9 +67,9 @@ enum Verb {
         /// Return once the transition started; do not wait for it.
         #[arg(long)]
         no_wait: bool,
-        /// How long to wait for the transition, in seconds.
-        #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
-        timeout: f64,
+        /// How long the command may take, waiting for the transition included, in seconds.
+        #[arg(long, value_name = "SECONDS", default_value = "60", value_parser = parse_seconds)]
+        timeout: Duration,
     },
     /// Reverse an unpatching transition (write 1 to `enabled`).
     Enable {
@@ -75,6 +77,9 @@ enum Verb {
         pid: u32,
         /// The patch name.
         patch: String,
+        /// How long the command may take, in seconds.
+        #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
+        timeout: Duration,
     },
     /// Force the transition of a patch: switch every remaining thread now.
     ///
@@ -85,6 +90,9 @@ enum Verb {
         pid: u32,
         /// The patch name.
         patch: String,
+        /// How long the command may take, in seconds.
+        #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
+        timeout: Duration,
     },
     /// Unload the library of a disabled patch.
     Unload {
@@ -92,11 +100,17 @@ enum Verb {
         pid: u32,
         /// The patch name.
         patch: String,
+        /// How long the command may take, in seconds.
+        #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
+        timeout: Duration,
     },
     /// List processes that run the agent, and their patches.
     List {
         /// Only this process.
         pid: Option<u32>,
+        /// How long each process may take to answer, in seconds.
+        #[arg(long, value_name = "SECONDS", default_value = "2", value_parser = parse_seconds)]
+        timeout: Duration,
     },
     /// Show patches and threads, as /sys/kernel/livepatch and
     /// /proc/*/patch_state do.
@@ -108,6 +122,9 @@ enum Verb {
         /// Print the documented JSON document instead.
         #[arg(long)]
         json: bool,
+        /// How long the command may take, in seconds.
+        #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
+        timeout: Duration,
     },
     /// Print the agent's log.
     Log {
@@ -116,7 +133,33 @@ enum Verb {
         /// Keep printing new lines as they come.
         #[arg(long, short)]
         follow: bool,
+        /// How long each request may take, in seconds.
+        #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
+        timeout: Duration,
     },
+}
+
+/// The longest `--timeout` taken: a day.
+const LONGEST_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Parses `--timeout`: a positive number of seconds, at most a day.
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let seconds: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if !seconds.is_finite() || seconds <= 0.0 {
+        return Err(format!(
+            "{text:?}: a timeout is a positive number of seconds"
+        ));
+    }
+    if seconds > LONGEST_TIMEOUT.as_secs_f64() {
+        return Err(format!(
+            "{text:?}: a timeout is at most {} seconds (a day)",
+            LONGEST_TIMEOUT.as_secs()
+        ));
+    }
+    Ok(Duration::from_secs_f64(seconds))
 }
 
 /// How a command failed, and the exit status that says so.
@@ -152,12 +195,33 @@ fn main() -> ExitCode {
             no_wait,
             timeout,
         } => commands::disable(pid, &patch, commands::Wait::new(no_wait, timeout)),
-        Verb::Enable { pid, patch } => commands::enable(pid, &patch),
-        Verb::Force { pid, patch } => commands::force(pid, &patch),
-        Verb::Unload { pid, patch } => commands::unload(pid, &patch),
-        Verb::List { pid } => commands::list(pid),
-        Verb::Status { pid, patch, json } => commands::status(pid, patch.as_deref(), json),
-        Verb::Log { pid, follow } => commands::log(pid, follow),
+        Verb::Enable {
+            pid,
+            patch,
+            timeout,
+        } => commands::enable(pid, &patch, timeout),
+        Verb::Force {
+            pid,
+            patch,
+            timeout,
+        } => commands::force(pid, &patch, timeout),
+        Verb::Unload {
+            pid,
+            patch,
+            timeout,
+        } => commands::unload(pid, &patch, timeout),
+        Verb::List { pid, timeout } => commands::list(pid, timeout),
+        Verb::Status {
+            pid,
+            patch,
+            json,
+            timeout,
+        } => commands::status(pid, patch.as_deref(), json, timeout),
+        Verb::Log {
+            pid,
+            follow,
+            timeout,
+        } => commands::log(pid, follow, timeout),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,11 +1,13 @@
 //! The control protocol between the `livepatch` command and the agent inside
 //! a process.
 //!
-//! The agent listens on a Unix socket per process, `<dir>/<pid>.sock`, where
-//! `<dir>` is [`socket_dir`]. A client connects, writes one request as a
-//! line of JSON, and reads one response line; then it may send the next
-//! request on the same connection. The agent accepts only its own user and
-//! root (checked with the peer's credentials).
+//! The agent listens on a Unix socket per process, `<base>/<uid>/<pid>.sock`
+//! (see [`socket`]): a directory per user that only that user can write, in a
+//! base directory every user can create theirs in. A client connects, checks
+//! with the peer's credentials that the process it asked for answers, writes
+//! one request as a line of JSON, and reads one response line; then it may
+//! send the next request on the same connection. The agent accepts only its
+//! own user and root (checked with the peer's credentials).
 //!
 //! Every message carries the protocol version; an agent refuses a request of
 //! another version with an error that names both.
@@ -13,29 +15,12 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
-use std::path::PathBuf;
-
 use serde::{Deserialize, Serialize};
 
 /// The protocol version; bumped on any incompatible change.
 pub const VERSION: u32 = 2;
 
-/// The environment variable that overrides the socket directory.
-pub const SOCKET_DIR_ENV: &str = "LIVEPATCH_SOCKET_DIR";
-
-/// The directory of the agents' sockets: `$LIVEPATCH_SOCKET_DIR`, else
-/// `/tmp/livepatch`.
-pub fn socket_dir() -> PathBuf {
-    std::env::var_os(SOCKET_DIR_ENV)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/tmp/livepatch"))
-}
-
-/// The socket of the agent in process `pid`.
-pub fn socket_path(pid: u32) -> PathBuf {
-    socket_dir().join(format!("{pid}.sock"))
-}
+pub mod socket;
 
 /// A request line.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -334,10 +319,5 @@ mod tests {
         }));
         let back: Response = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
         assert_eq!(back, p);
-    }
-
-    #[test]
-    fn socket_path_is_per_pid() {
-        assert!(socket_path(42).ends_with("42.sock"));
     }
 }

@@ -8,12 +8,10 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsFd;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use livepatch_protocol::{Command, Request, Response, VERSION, socket_dir};
+use livepatch_protocol::{Command, Request, Response, VERSION};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 
@@ -30,28 +28,9 @@ struct Connection {
     waiting: Option<(String, Instant)>,
 }
 
-/// Creates the socket of this process: `<dir>/<pid>.sock`, mode 0600, in a
-/// directory everybody may create sockets in (mode 1777, like /tmp).
-pub fn bind(pid: u32) -> std::io::Result<(UnixListener, PathBuf)> {
-    let dir = socket_dir();
-    if !dir.exists() {
-        std::fs::create_dir_all(&dir)?;
-        // Sticky and world-writable: each user's agents can put their
-        // sockets here, and none can remove another's.
-        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777));
-    }
-    let path = dir.join(format!("{pid}.sock"));
-    // A socket left by an earlier process with the same pid.
-    let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    listener.set_nonblocking(true)?;
-    Ok((listener, path))
-}
-
 /// Whether the peer is this process's user or root.
 fn peer_allowed(stream: &UnixStream) -> bool {
-    let me = nix::unistd::getuid().as_raw();
+    let me = nix::unistd::geteuid().as_raw();
     getsockopt(stream, PeerCredentials).is_ok_and(|cred| cred.uid() == 0 || cred.uid() == me)
 }
 

@@ -8,30 +8,37 @@
 
 use std::ffi::CString;
 use std::path::Path;
-use std::sync::OnceLock;
+use std::sync::Mutex;
 
-static SOCKET: OnceLock<CString> = OnceLock::new();
+/// The sockets to remove at exit, with the process that made each: a forked child inherits
+/// its parent's entry and must not remove the parent's socket when it exits.
+static SOCKETS: Mutex<Vec<(u32, CString)>> = Mutex::new(Vec::new());
 
-extern "C" fn unlink_socket() {
-    if let Some(p) = SOCKET.get() {
-        // SAFETY: a valid C string; unlink has no other effect.
-        unsafe { libc::unlink(p.as_ptr()) };
+extern "C" fn unlink_sockets() {
+    let me = livepatch_arch::signals::getpid() as u32;
+    let sockets = SOCKETS.lock().unwrap_or_else(|e| e.into_inner());
+    for (owner, path) in sockets.iter() {
+        if *owner == me {
+            // SAFETY: a valid C string; unlink has no other effect.
+            unsafe { libc::unlink(path.as_ptr()) };
+        }
     }
 }
 
-/// Removes the socket at `path` when the process exits normally. Once per process.
-pub fn remove_at_exit(path: &Path) {
+/// Removes the socket at `path` of process `pid` when that process exits normally.
+pub fn remove_at_exit(path: &Path, pid: u32) {
     let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
         return;
     };
-    if SOCKET.set(c).is_err() {
-        return;
+    let mut sockets = SOCKETS.lock().unwrap_or_else(|e| e.into_inner());
+    if sockets.is_empty() {
+        // SAFETY: registers a function without arguments, valid forever.
+        if unsafe { libc::atexit(unlink_sockets) } != 0 {
+            // The socket stays after exit: the next process with this pid (or the CLI) finds
+            // it stale and replaces it.
+        }
     }
-    // SAFETY: registers a function without arguments, valid forever.
-    if unsafe { libc::atexit(unlink_socket) } != 0 {
-        // The socket stays after exit: the next process with this pid (or the CLI) finds it
-        // stale and replaces it.
-    }
+    sockets.push((pid, c));
 }
 
 /// Every signal but `keep` and the synchronous ones a fault raises.

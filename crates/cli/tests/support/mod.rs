@@ -250,17 +250,34 @@ impl Target {
 
     /// Like [`Target::start`], with arguments and the text of the program's ready line.
     pub fn start_with(program: &Path, args: &[&str], ready: &str) -> Self {
-        let mut child = livepatch()
-            .arg("run")
-            .arg("--")
-            .arg(program)
+        let mut command = livepatch();
+        command.arg("run").arg("--").arg(program).args(args);
+        let target = Self::spawn(command, ready);
+        // The agent's socket exists before main runs; wait for it to accept.
+        wait_for_socket(&target.pid());
+        target
+    }
+
+    /// Starts `program` without the agent, with the tests' socket directory in its
+    /// environment, and waits for its ready line.
+    pub fn start_without_agent(program: &Path, args: &[&str]) -> Self {
+        let mut command = Command::new(program);
+        command
             .args(args)
+            .env("LIVEPATCH_SOCKET_DIR", scratch().join("sockets"));
+        Self::spawn(command, "ready")
+    }
+
+    /// Runs `command` (with `LIVEPATCH_LOG=stderr` and its standard streams to the test) and
+    /// waits for its line containing `ready`; nothing else is awaited.
+    pub fn spawn(mut command: Command, ready: &str) -> Self {
+        let mut child = command
             .env("LIVEPATCH_LOG", "stderr")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("livepatch run");
+            .expect("the target starts");
         let (tx, lines) = channel();
         for stream in [
             Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
@@ -284,13 +301,16 @@ impl Target {
             seen: Vec::new(),
         };
         target.expect(ready);
-        // The agent's socket exists before main runs; wait for it to accept.
-        wait_for_socket(&target.pid());
         target
     }
 
     pub fn pid(&self) -> String {
         self.child.id().to_string()
+    }
+
+    /// Every line the program wrote so far, in order.
+    pub fn seen(&self) -> &[String] {
+        &self.seen
     }
 
     /// Waits for a line containing `text`; returns it.
@@ -348,9 +368,18 @@ impl Drop for Target {
     }
 }
 
-/// The control socket of the agent in process `pid`.
+/// The user the tests (and the programs they start) run as.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// The control socket of the agent in process `pid`: `<base>/<uid>/<pid>.sock`.
 pub fn socket(pid: &str) -> PathBuf {
-    scratch().join("sockets").join(format!("{pid}.sock"))
+    scratch()
+        .join("sockets")
+        .join(euid().to_string())
+        .join(format!("{pid}.sock"))
 }
 
 /// Waits until the agent in process `pid` accepts on its socket.

@@ -1,0 +1,232 @@
+//! Finding the agent of a process and making sure it is that process that answers.
+//!
+//! The socket of process N of user U is `<base>/<U>/<N>.sock` (`livepatch_protocol::socket`).
+//! Before a request is sent, every part of that path is checked (no symbolic link; the base
+//! owned by root or U and sticky where others may write; U's directory owned by U and closed to
+//! others; the socket owned by U), and once connected the peer's credentials must name process
+//! N and user U: another user's socket, a squatter's directory or a fake server is refused with
+//! the reason, never believed.
+
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail};
+use livepatch_protocol::socket::{SOCKET_DIR_ENV, bases, socket_path};
+use nix::errno::Errno;
+use nix::sys::socket::{
+    AddressFamily, SockFlag, SockType, UnixAddr, connect, getsockopt, socket,
+    sockopt::PeerCredentials,
+};
+
+/// The user a process runs as (its effective uid, which owns what it creates).
+pub fn process_uid(pid: u32) -> anyhow::Result<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|_| anyhow!("no process {pid}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        .and_then(|euid| euid.parse().ok())
+        .ok_or_else(|| anyhow!("cannot read the user of process {pid}"))
+}
+
+/// What `/proc/N/stat` says the process is doing, for messages: `T (stopped)`.
+pub fn process_state(pid: u32) -> String {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The state follows the command name, which is in parentheses and may contain anything.
+    let state = stat
+        .rfind(')')
+        .and_then(|end| stat[end + 1..].split_whitespace().next())
+        .unwrap_or("?");
+    let meaning = match state {
+        "R" => "running",
+        "S" => "sleeping",
+        "D" => "in uninterruptible sleep",
+        "T" => "stopped",
+        "t" => "stopped by a debugger",
+        "Z" => "a zombie",
+        "X" => "dead",
+        _ => "unknown",
+    };
+    format!("{state}: {meaning}")
+}
+
+/// `LIVEPATCH_SOCKET_DIR` as the target process sees it, when its environment can be read.
+fn target_socket_dir(pid: u32) -> Option<OsString> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let key = format!("{SOCKET_DIR_ENV}=");
+    environ
+        .split(|&b| b == 0)
+        .find_map(|var| var.strip_prefix(key.as_bytes()))
+        .map(|v| OsStr::from_bytes(v).to_owned())
+}
+
+/// The base directories to look in for process `pid`: this command's choice, the target's
+/// own, then the defaults, each once.
+fn candidate_bases(pid: u32) -> Vec<PathBuf> {
+    let mut all = bases(std::env::var_os(SOCKET_DIR_ENV).as_deref());
+    if let Some(theirs) = target_socket_dir(pid) {
+        all.extend(bases(Some(&theirs)));
+    }
+    all.extend(bases(None));
+    let mut unique = Vec::new();
+    for base in all {
+        if !unique.contains(&base) {
+            unique.push(base);
+        }
+    }
+    unique
+}
+
+fn distrust(path: &Path, why: String) -> anyhow::Error {
+    anyhow!("{} {why}: refusing to trust it", path.display())
+}
+
+/// Checks every part of the way to a socket that exists, as the agent made it.
+fn check_path(base: &Path, socket: &Path, uid: u32) -> anyhow::Result<()> {
+    let base_meta = std::fs::symlink_metadata(base)?;
+    if base_meta.file_type().is_symlink() || !base_meta.is_dir() {
+        return Err(distrust(base, "is not a directory".into()));
+    }
+    if base_meta.uid() != 0 && base_meta.uid() != uid {
+        return Err(distrust(
+            base,
+            format!(
+                "is owned by uid {}, not by root or uid {uid}",
+                base_meta.uid()
+            ),
+        ));
+    }
+    let mode = base_meta.mode() & 0o7777;
+    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        return Err(distrust(
+            base,
+            format!("has mode {mode:04o}: others may write in it and it is not sticky"),
+        ));
+    }
+    let dir = socket.parent().unwrap_or(base);
+    let dir_meta = std::fs::symlink_metadata(dir)?;
+    if dir_meta.file_type().is_symlink() || !dir_meta.is_dir() {
+        return Err(distrust(dir, "is not a directory".into()));
+    }
+    if dir_meta.uid() != uid {
+        return Err(distrust(
+            dir,
+            format!(
+                "is owned by uid {}, not by uid {uid}, the user of the process",
+                dir_meta.uid()
+            ),
+        ));
+    }
+    if dir_meta.mode() & 0o077 != 0 {
+        return Err(distrust(
+            dir,
+            format!(
+                "has mode {:04o}: others may enter it",
+                dir_meta.mode() & 0o7777
+            ),
+        ));
+    }
+    let socket_meta = std::fs::symlink_metadata(socket)?;
+    if !socket_meta.file_type().is_socket() {
+        return Err(distrust(socket, "is not a socket".into()));
+    }
+    if socket_meta.uid() != uid {
+        return Err(distrust(
+            socket,
+            format!("is owned by uid {}, not by uid {uid}", socket_meta.uid()),
+        ));
+    }
+    Ok(())
+}
+
+/// The socket of process `pid`, checked, and the user it runs as.
+pub fn locate(pid: u32) -> anyhow::Result<(PathBuf, u32)> {
+    let uid = process_uid(pid)?;
+    let bases = candidate_bases(pid);
+    for base in &bases {
+        let path = socket_path(base, uid, pid);
+        if std::fs::symlink_metadata(&path).is_err() {
+            // Nothing there, or a directory on the way missing or closed to us; a squatter's
+            // directory shows as a directory that fails the checks below.
+            if let Ok(meta) = std::fs::symlink_metadata(path.parent().unwrap_or(base))
+                && meta.uid() != uid
+            {
+                check_path(base, &path, uid)?;
+            }
+            continue;
+        }
+        check_path(base, &path, uid)?;
+        return Ok((path, uid));
+    }
+    let looked: Vec<String> = bases
+        .iter()
+        .map(|b| socket_path(b, uid, pid).display().to_string())
+        .collect();
+    bail!(
+        "no livepatch agent answers in process {pid} (no socket at {}); start the program with \
+         `livepatch run PROGRAM` or with LD_PRELOAD=$(livepatch agent-path)",
+        looked.join(" or ")
+    )
+}
+
+fn unix_stream(path: &Path, deadline: Instant, pid: u32) -> anyhow::Result<UnixStream> {
+    let address = UnixAddr::new(path)?;
+    loop {
+        let fd: OwnedFd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )?;
+        match connect(fd.as_raw_fd(), &address) {
+            Ok(()) => {
+                let stream = UnixStream::from(fd);
+                stream.set_nonblocking(false)?;
+                return Ok(stream);
+            }
+            // A Unix socket's backlog is full: the agent is not accepting (stopped or busy).
+            Err(Errno::EAGAIN) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(Errno::EAGAIN) => bail!(
+                "process {pid} does not answer (state {}): its agent accepts no connection",
+                process_state(pid)
+            ),
+            Err(Errno::ECONNREFUSED) => {
+                // Nobody listens: the socket was left by an earlier process with this pid.
+                let removed = std::fs::remove_file(path).is_ok();
+                bail!(
+                    "no livepatch agent answers in process {pid}: {} is a stale socket left by \
+                     an earlier process with that pid{}",
+                    path.display(),
+                    if removed { " (removed)" } else { "" }
+                )
+            }
+            Err(errno) => bail!("cannot connect to {}: {errno}", path.display()),
+        }
+    }
+}
+
+/// Connects to the agent of `pid` by `deadline`, and checks that it is that process, of its
+/// user, that answers.
+pub fn connect_to(pid: u32, deadline: Instant) -> anyhow::Result<UnixStream> {
+    let (path, uid) = locate(pid)?;
+    let stream = unix_stream(&path, deadline, pid)?;
+    let peer = getsockopt(&stream, PeerCredentials)?;
+    if peer.pid() as u32 != pid || peer.uid() != uid {
+        bail!(
+            "socket {} is served by pid {} uid {}, not by process {pid} (uid {uid}): refusing to \
+             talk to it",
+            path.display(),
+            peer.pid(),
+            peer.uid()
+        );
+    }
+    Ok(stream)
+}
