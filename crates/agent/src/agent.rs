@@ -4,7 +4,7 @@
 
 #![forbid(unsafe_code)]
 
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -92,9 +92,21 @@ pub struct Agent {
     shadow: SharedShadowVars,
     callbacks: Arc<CallbackScope>,
     state: Mutex<AgentState>,
-    pid: u32,
+    /// This process's id (a forked child changes it).
+    pid: AtomicU32,
     /// The control thread, once it runs; 0 before.
     control_tid: AtomicI32,
+}
+
+/// Every lock of the agent, held by the thread that calls `fork` from before it forks until
+/// after, in the parent and in the child (see [`Agent::prepare_fork`]).
+#[derive(Debug)]
+pub struct ForkHold {
+    state: MutexGuard<'static, AgentState>,
+    shadow: crate::shadow::ShadowHold<'static>,
+    log: crate::log::LogHold<'static>,
+    /// The forking thread's state, which its copy in the child gets.
+    forking_thread: Option<livepatch_core::ThreadState>,
 }
 
 impl Agent {
@@ -117,14 +129,78 @@ impl Agent {
                 core: Livepatch::new(),
                 platform,
             }),
-            pid: signals::getpid() as u32,
+            pid: AtomicU32::new(signals::getpid() as u32),
             control_tid: AtomicI32::new(0),
         })
     }
 
     /// The process id.
     pub fn pid(&self) -> u32 {
-        self.pid
+        self.pid.load(Ordering::Acquire)
+    }
+
+    /// Before a `fork`: takes every lock of the agent (its state, the shadow variables, the
+    /// log), so that no other thread holds one when the process is copied; the child would
+    /// find it held forever. Everything else the agent locks is locked under its state's lock.
+    pub fn prepare_fork(&'static self) -> ForkHold {
+        let forking_thread = crate::threads::state_of(gettid());
+        let state = self.lock();
+        let shadow = self.shadow.hold();
+        let log = self.log.hold();
+        ForkHold {
+            state,
+            shadow,
+            log,
+            forking_thread,
+        }
+    }
+
+    /// In the parent after a `fork`: the locks go.
+    pub fn after_fork_in_parent(&'static self, hold: ForkHold) {
+        drop(hold);
+    }
+
+    /// In the child after a `fork` (kernel: `klp_copy_process`): the child keeps every patch,
+    /// site and func stack; its one thread takes the forking thread's state and pending flag;
+    /// a transition running at the fork goes on in the child on its own. The caller then starts
+    /// the child's control thread.
+    pub fn after_fork_in_child(&'static self, hold: ForkHold) {
+        let ForkHold {
+            mut state,
+            shadow,
+            log,
+            forking_thread,
+        } = hold;
+        let pid = signals::getpid() as u32;
+        self.pid.store(pid, Ordering::Release);
+        self.control_tid.store(0, Ordering::SeqCst);
+        match forking_thread {
+            Some(thread) => crate::threads::register_forked(thread),
+            None => {
+                crate::threads::register(gettid());
+            }
+        }
+        state.platform.objects.refresh();
+        let transition = state
+            .core
+            .transition()
+            .map(|(patch, target)| (patch.to_string(), target));
+        drop(log);
+        drop(shadow);
+        drop(state);
+        if let Some((patch, target)) = transition {
+            let direction = if target == livepatch_core::PatchState::Patched {
+                "patching"
+            } else {
+                "unpatching"
+            };
+            self.log.agent(
+                livepatch_core::Level::Notice,
+                format_args!(
+                    "'{patch}': forked during the {direction} transition; it goes on in process {pid}"
+                ),
+            );
+        }
     }
 
     /// The log.

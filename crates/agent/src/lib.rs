@@ -59,15 +59,23 @@ pub fn start() -> Result<(), StartError> {
 fn start_once() -> Result<(), StartError> {
     ffi::dl::resolve_next_definitions();
     let agent = Agent::new()?;
-    let socket = control::socket::bind(agent.pid()).map_err(StartError::Socket)?;
     let agent = AGENT.get_or_init(|| agent);
+    start_control_thread(agent)?;
+    ffi::process::handle_forks();
+    Ok(())
+}
+
+/// Makes the control socket of the agent's process and starts the thread that serves it: at
+/// the start, and in a child after a `fork`.
+pub(crate) fn start_control_thread(agent: &'static Agent) -> Result<(), StartError> {
+    let socket = control::socket::bind(agent.pid()).map_err(StartError::Socket)?;
     ffi::process::remove_at_exit(&socket.path, agent.pid());
-    let listener = socket.listener;
     let own_signals = {
         let state = agent.lock();
         let check = state.platform.check_signal;
         [check, check + 1]
     };
+    let listener = socket.listener;
     ffi::process::spawn_without_signals("livepatch", &own_signals, move || {
         control::server::serve(agent, listener)
     })

@@ -44,6 +44,10 @@ pub struct AgentLog {
     to_stderr: bool,
 }
 
+/// The log's lock, held (see [`AgentLog::hold`]).
+#[derive(Debug)]
+pub struct LogHold<'a>(#[allow(dead_code)] std::sync::MutexGuard<'a, Ring>);
+
 #[derive(Debug, Default)]
 struct Ring {
     lines: VecDeque<LogLine>,
@@ -105,6 +109,12 @@ impl AgentLog {
             line.push('\n');
             let _ = std::io::stderr().lock().write_all(line.as_bytes());
         }
+    }
+
+    /// Holds the ring's lock until the value is dropped: across a `fork`, so that the child's
+    /// copy of the lock is not held by a thread the child does not have.
+    pub fn hold(&self) -> LogHold<'_> {
+        LogHold(self.ring.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// The lines with a sequence number above `after`.

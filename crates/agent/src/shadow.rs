@@ -18,6 +18,14 @@ use std::sync::{Mutex, RwLock};
 use livepatch_core::shadow::{Prepared, ShadowCtor, ShadowDtor};
 use livepatch_core::{LogRecord, ShadowVars};
 
+/// Both locks of the shadow variables, held (see [`SharedShadowVars::hold`]); the table's
+/// is released first.
+#[derive(Debug)]
+pub struct ShadowHold<'a> {
+    _table: std::sync::RwLockWriteGuard<'a, ShadowVars>,
+    _update: std::sync::MutexGuard<'a, ()>,
+}
+
 /// The shadow variables of the process.
 #[derive(Debug)]
 pub struct SharedShadowVars {
@@ -33,6 +41,16 @@ impl SharedShadowVars {
         SharedShadowVars {
             table: RwLock::new(ShadowVars::with_log(log)),
             update: Mutex::new(()),
+        }
+    }
+
+    /// Holds both locks until the value is dropped: across a `fork`, so that the child's
+    /// copies are not held by a thread the child does not have.
+    pub fn hold(&self) -> ShadowHold<'_> {
+        let update = self.update.lock().unwrap_or_else(|e| e.into_inner());
+        ShadowHold {
+            _table: self.write(),
+            _update: update,
         }
     }
 

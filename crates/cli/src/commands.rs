@@ -1,6 +1,7 @@
 //! One function per verb: the entry points of `livepatch <verb>`.
 
 use std::io::IsTerminal;
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -12,6 +13,7 @@ use crate::Failure;
 use crate::client::Client;
 use crate::paths;
 use crate::render;
+use crate::targets;
 
 type Result = std::result::Result<(), Failure>;
 
@@ -70,57 +72,217 @@ pub fn include_path() -> Result {
     Ok(())
 }
 
-/// Entry point for `livepatch load`.
-pub fn load(pid: u32, patch: &Path, wait: Wait) -> Result {
+/// Entry point for `livepatch load`: loads into every target before waiting for any; a refusal
+/// in one undoes the load in those done before it, so that no process is left patched alone.
+pub fn load(pid: u32, patch: &Path, children: bool, wait: Wait) -> Result {
     let start = Instant::now();
     let path = patch
         .canonicalize()
         .with_context(|| format!("cannot use patch library {}", patch.display()))?;
-    let mut client = Client::connect(pid, wait.deadline(start))?;
-    let outcome = client.call(Command::Load {
-        path: path.display().to_string(),
-    })?;
-    let Outcome::Done { patch: Some(name) } = outcome else {
-        return Err(anyhow!("unexpected answer to load: {outcome:?}").into());
+    let mut targets = targets::reach(pid, children, wait.deadline(start))?;
+    let mut name = None;
+    for i in 0..targets.len() {
+        let target = &mut targets[i];
+        let loaded = target.client.call(Command::Load {
+            path: path.display().to_string(),
+        });
+        match loaded {
+            Ok(Outcome::Done {
+                patch: Some(loaded),
+            }) => name = Some(loaded),
+            Ok(other) => {
+                return Err(anyhow!("unexpected answer to load: {other:?}").into());
+            }
+            Err(e) if i == 0 => return Err(e.into()),
+            Err(e) => {
+                let refused = target.pid;
+                let name = name.unwrap_or_default();
+                let undone = undo_loads(&mut targets[..i], &name, wait);
+                return Err(e
+                    .context(format!("process {refused} refused the patch; {undone}"))
+                    .into());
+            }
+        }
+    }
+    let Some(name) = name else {
+        return Err(anyhow!("no process to load into").into());
     };
     if !wait.enabled {
-        println!("livepatch: patch '{name}' loaded into process {pid}; its transition runs on");
+        for target in &targets {
+            println!(
+                "livepatch: patch '{name}' loaded into process {}; its transition runs on",
+                target.pid
+            );
+        }
         return Ok(());
     }
-    let progress = wait_for_transition(&mut client, pid, &name, true, wait)?;
-    match progress.enabled {
-        Some(true) => {
-            println!("livepatch: patch '{name}' enabled in process {pid}");
-            Ok(())
+    wait_for_all(&mut targets, &name, true, wait, start)
+}
+
+/// Disables and unloads the patch the first targets took before another refused it: what
+/// happened, said in one sentence.
+fn undo_loads(done: &mut [targets::Target], patch: &str, wait: Wait) -> String {
+    let mut undone = Vec::new();
+    let mut kept = Vec::new();
+    for target in done.iter_mut() {
+        let pid = target.pid;
+        let client = &mut target.client;
+        client.extend_deadline(wait.deadline(Instant::now()));
+        let result = client
+            .call(Command::Disable {
+                patch: patch.into(),
+            })
+            .map_err(Failure::from)
+            .and_then(|_| wait_for_transition(client, pid, patch, false, wait))
+            .and_then(|_| {
+                client
+                    .call(Command::Unload {
+                        patch: patch.into(),
+                    })
+                    .map_err(Failure::from)
+            });
+        match result {
+            Ok(_) => undone.push(pid.to_string()),
+            Err(Failure::Error(e)) => kept.push(format!("{pid} ({e:#})")),
+            Err(Failure::Timeout(_)) => {
+                kept.push(format!("{pid} (its unpatching transition runs on)"))
+            }
         }
-        _ => Err(anyhow!(
-            "patch '{name}' was disabled in process {pid} before its transition completed"
-        )
-        .into()),
+    }
+    match (undone.is_empty(), kept.is_empty()) {
+        (true, true) => "it was loaded nowhere else".to_owned(),
+        (false, true) => format!(
+            "disabled and unloaded again in process {}",
+            undone.join(", ")
+        ),
+        (_, false) if undone.is_empty() => format!("NOT undone in process {}", kept.join(", ")),
+        _ => format!(
+            "disabled and unloaded again in process {}, NOT undone in process {}",
+            undone.join(", "),
+            kept.join(", ")
+        ),
+    }
+}
+
+/// Waits for the transition of `patch` in every target, all within one timeout, and says how
+/// each ended; the timeouts and failures of all are reported together.
+fn wait_for_all(
+    targets: &mut [targets::Target],
+    patch: &str,
+    patching: bool,
+    wait: Wait,
+    start: Instant,
+) -> Result {
+    let several = targets.len() > 1;
+    let mut timeouts = Vec::new();
+    let mut errors = Vec::new();
+    for target in targets.iter_mut() {
+        let pid = target.pid;
+        let left = Wait {
+            enabled: true,
+            timeout: wait
+                .timeout
+                .saturating_sub(start.elapsed())
+                .max(Duration::from_millis(1)),
+        };
+        let progress = match wait_for_transition(&mut target.client, pid, patch, patching, left) {
+            Ok(progress) => progress,
+            Err(Failure::Timeout(advice)) if several => {
+                timeouts.push(format!("process {pid}: {advice}"));
+                continue;
+            }
+            Err(Failure::Error(e)) if several => {
+                errors.push(format!("process {pid}: {e:#}"));
+                continue;
+            }
+            Err(failure) => return Err(failure),
+        };
+        match (patching, progress.enabled) {
+            (true, Some(true)) => println!("livepatch: patch '{patch}' enabled in process {pid}"),
+            (false, None) => println!("livepatch: patch '{patch}' disabled in process {pid}"),
+            (true, _) => errors.push(format!(
+                "patch '{patch}' was disabled in process {pid} before its transition completed"
+            )),
+            (false, Some(_)) => errors.push(format!(
+                "patch '{patch}' was enabled again in process {pid} before its transition \
+                 completed"
+            )),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(anyhow!("{}", errors.join("\n")).into());
+    }
+    if !timeouts.is_empty() {
+        return Err(Failure::Timeout(timeouts.join("\n")));
+    }
+    Ok(())
+}
+
+/// The targets that have `patch` (with `need_enabled`: enabled, else loaded at all); with
+/// several targets those without it are named on standard error and passed over, a single one
+/// is kept so that its agent says why.
+fn having_patch(
+    targets: Vec<targets::Target>,
+    patch: &str,
+    need_enabled: bool,
+) -> std::result::Result<Vec<targets::Target>, Failure> {
+    if targets.len() == 1 {
+        return Ok(targets);
+    }
+    let mut having = Vec::new();
+    for mut target in targets {
+        let status = target.client.status()?;
+        let enabled = status.patches.iter().any(|p| p.name == patch);
+        let loaded = enabled || status.unloadable.iter().any(|l| l.patch == patch);
+        if (need_enabled && enabled) || (!need_enabled && loaded) {
+            having.push(target);
+        } else {
+            eprintln!(
+                "livepatch: process {} has no patch '{patch}': passed over",
+                target.pid
+            );
+        }
+    }
+    if having.is_empty() {
+        return Err(anyhow!("no process of the tree has a patch '{patch}'").into());
+    }
+    Ok(having)
+}
+
+/// With several targets, an error names the process it came from.
+fn in_process(e: anyhow::Error, pid: u32, several: bool) -> anyhow::Error {
+    if several {
+        e.context(format!("process {pid}"))
+    } else {
+        e
     }
 }
 
 /// Entry point for `livepatch disable`.
-pub fn disable(pid: u32, patch: &str, wait: Wait) -> Result {
-    let mut client = Client::connect(pid, wait.deadline(Instant::now()))?;
-    client.call(Command::Disable {
-        patch: patch.into(),
-    })?;
+pub fn disable(pid: u32, patch: &str, children: bool, wait: Wait) -> Result {
+    let start = Instant::now();
+    let targets = targets::reach(pid, children, wait.deadline(start))?;
+    let mut targets = having_patch(targets, patch, true)?;
+    let several = targets.len() > 1;
+    for target in &mut targets {
+        let pid = target.pid;
+        target
+            .client
+            .call(Command::Disable {
+                patch: patch.into(),
+            })
+            .map_err(|e| in_process(e, pid, several))?;
+    }
     if !wait.enabled {
-        println!("livepatch: disabling patch '{patch}' in process {pid}; its transition runs on");
+        for target in &targets {
+            println!(
+                "livepatch: disabling patch '{patch}' in process {}; its transition runs on",
+                target.pid
+            );
+        }
         return Ok(());
     }
-    let progress = wait_for_transition(&mut client, pid, patch, false, wait)?;
-    match progress.enabled {
-        None => {
-            println!("livepatch: patch '{patch}' disabled in process {pid}");
-            Ok(())
-        }
-        Some(_) => Err(anyhow!(
-            "patch '{patch}' was enabled again in process {pid} before its transition completed"
-        )
-        .into()),
-    }
+    wait_for_all(&mut targets, patch, false, wait, start)
 }
 
 /// Entry point for `livepatch enable`.
@@ -145,11 +307,23 @@ pub fn force(pid: u32, patch: &str, timeout: Duration) -> Result {
 }
 
 /// Entry point for `livepatch unload`.
-pub fn unload(pid: u32, patch: &str, timeout: Duration) -> Result {
-    Client::connect(pid, deadline(timeout))?.call(Command::Unload {
-        patch: patch.into(),
-    })?;
-    println!("livepatch: patch library of '{patch}' unloaded from process {pid}");
+pub fn unload(pid: u32, patch: &str, children: bool, timeout: Duration) -> Result {
+    let targets = targets::reach(pid, children, deadline(timeout))?;
+    let targets = having_patch(targets, patch, false)?;
+    let several = targets.len() > 1;
+    for mut target in targets {
+        let pid = target.pid;
+        target
+            .client
+            .call(Command::Unload {
+                patch: patch.into(),
+            })
+            .map_err(|e| in_process(e, pid, several))?;
+        println!(
+            "livepatch: patch library of '{patch}' unloaded from process {}",
+            target.pid
+        );
+    }
     Ok(())
 }
 
@@ -176,7 +350,9 @@ pub fn list(pid: Option<u32>, timeout: Duration) -> Result {
 }
 
 /// The processes that have an agent's socket (in any base directory, under any user's
-/// directory this command may read) and that are alive.
+/// directory this command may read) and that are alive. The socket of a process that is gone
+/// is removed where this user may (a worker that dropped root's privileges cannot remove its
+/// own at exit).
 fn agent_pids() -> Vec<u32> {
     let mut bases = livepatch_protocol::socket::bases(
         std::env::var_os(livepatch_protocol::socket::SOCKET_DIR_ENV).as_deref(),
@@ -189,10 +365,21 @@ fn agent_pids() -> Vec<u32> {
         .filter_map(|user| std::fs::read_dir(user.ok()?.path()).ok())
         .flatten()
         .filter_map(|e| {
-            let name = e.ok()?.file_name().into_string().ok()?;
-            name.strip_suffix(".sock")?.parse().ok()
+            let e = e.ok()?;
+            let pid: u32 = e
+                .file_name()
+                .to_str()?
+                .strip_suffix(".sock")?
+                .parse()
+                .ok()?;
+            if Path::new(&format!("/proc/{pid}")).exists() {
+                return Some(pid);
+            }
+            if e.file_type().is_ok_and(|t| t.is_socket()) {
+                let _ = std::fs::remove_file(e.path());
+            }
+            None
         })
-        .filter(|pid| Path::new(&format!("/proc/{pid}")).exists())
         .collect();
     pids.sort_unstable();
     pids.dedup();

@@ -9,8 +9,10 @@
 mod client;
 mod commands;
 mod paths;
+mod process_tree;
 mod render;
 mod socket;
+mod targets;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -51,6 +53,10 @@ enum Verb {
         pid: u32,
         /// The patch library (.so).
         patch: PathBuf,
+        /// Also every descendant of the process that has an agent (a pre-forking server's
+        /// workers); descendants without one are named and passed over.
+        #[arg(long)]
+        children: bool,
         /// Return once the transition started; do not wait for it.
         #[arg(long)]
         no_wait: bool,
@@ -64,6 +70,10 @@ enum Verb {
         pid: u32,
         /// The patch name.
         patch: String,
+        /// Also every descendant of the process that has an agent (a pre-forking server's
+        /// workers); descendants without one are named and passed over.
+        #[arg(long)]
+        children: bool,
         /// Return once the transition started; do not wait for it.
         #[arg(long)]
         no_wait: bool,
@@ -100,6 +110,10 @@ enum Verb {
         pid: u32,
         /// The patch name.
         patch: String,
+        /// Also every descendant of the process that has an agent (a pre-forking server's
+        /// workers); descendants without one are named and passed over.
+        #[arg(long)]
+        children: bool,
         /// How long the command may take, in seconds.
         #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
         timeout: Duration,
@@ -186,15 +200,17 @@ fn main() -> ExitCode {
         Verb::Load {
             pid,
             patch,
+            children,
             no_wait,
             timeout,
-        } => commands::load(pid, &patch, commands::Wait::new(no_wait, timeout)),
+        } => commands::load(pid, &patch, children, commands::Wait::new(no_wait, timeout)),
         Verb::Disable {
             pid,
             patch,
+            children,
             no_wait,
             timeout,
-        } => commands::disable(pid, &patch, commands::Wait::new(no_wait, timeout)),
+        } => commands::disable(pid, &patch, children, commands::Wait::new(no_wait, timeout)),
         Verb::Enable {
             pid,
             patch,
@@ -208,8 +224,9 @@ fn main() -> ExitCode {
         Verb::Unload {
             pid,
             patch,
+            children,
             timeout,
-        } => commands::unload(pid, &patch, timeout),
+        } => commands::unload(pid, &patch, children, timeout),
         Verb::List { pid, timeout } => commands::list(pid, timeout),
         Verb::Status {
             pid,

@@ -5,7 +5,9 @@
 //! owned by root or U and sticky where others may write; U's directory owned by U and closed to
 //! others; the socket owned by U), and once connected the peer's credentials must name process
 //! N and user U: another user's socket, a squatter's directory or a fake server is refused with
-//! the reason, never believed.
+//! the reason, never believed. A process that dropped root's privileges after its agent started
+//! has its socket in root's directory (U = 0), where only root can have made it, and the peer's
+//! credentials, taken when it listened, name root and process N.
 
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -145,11 +147,21 @@ fn check_path(base: &Path, socket: &Path, uid: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The socket of process `pid`, checked, and the user it runs as.
+/// The socket of process `pid`, checked, and the user whose directory holds it: the user the
+/// process runs as, or root for a process that started as root and dropped its privileges
+/// since (a server's workers), whose agent bound its socket while it was root.
 pub fn locate(pid: u32) -> anyhow::Result<(PathBuf, u32)> {
-    let uid = process_uid(pid)?;
+    let process_uid = process_uid(pid)?;
     let bases = candidate_bases(pid);
-    for base in &bases {
+    let owners: &[u32] = if process_uid == 0 {
+        &[0]
+    } else {
+        &[process_uid, 0]
+    };
+    for (base, &uid) in bases
+        .iter()
+        .flat_map(|base| owners.iter().map(move |uid| (base, uid)))
+    {
         let path = socket_path(base, uid, pid);
         if std::fs::symlink_metadata(&path).is_err() {
             // Nothing there, or a directory on the way missing or closed to us; a squatter's
@@ -166,14 +178,35 @@ pub fn locate(pid: u32) -> anyhow::Result<(PathBuf, u32)> {
     }
     let looked: Vec<String> = bases
         .iter()
-        .map(|b| socket_path(b, uid, pid).display().to_string())
+        .map(|b| socket_path(b, process_uid, pid).display().to_string())
         .collect();
-    bail!(
-        "no livepatch agent answers in process {pid} (no socket at {}); start the program with \
-         `livepatch run PROGRAM` or with LD_PRELOAD=$(livepatch agent-path)",
-        looked.join(" or ")
-    )
+    Err(NoAgent {
+        pid,
+        why: format!("no socket at {}", looked.join(" or ")),
+    }
+    .into())
 }
+
+/// Process `pid` has no agent that could answer (no socket, or a stale one): the one failure to
+/// connect that `--children` passes over.
+#[derive(Debug)]
+pub struct NoAgent {
+    pub pid: u32,
+    why: String,
+}
+
+impl std::fmt::Display for NoAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "no livepatch agent answers in process {} ({}); start the program with \
+             `livepatch run PROGRAM` or with LD_PRELOAD=$(livepatch agent-path)",
+            self.pid, self.why
+        )
+    }
+}
+
+impl std::error::Error for NoAgent {}
 
 fn unix_stream(path: &Path, deadline: Instant, pid: u32) -> anyhow::Result<UnixStream> {
     let address = UnixAddr::new(path)?;
@@ -201,12 +234,15 @@ fn unix_stream(path: &Path, deadline: Instant, pid: u32) -> anyhow::Result<UnixS
             Err(Errno::ECONNREFUSED) => {
                 // Nobody listens: the socket was left by an earlier process with this pid.
                 let removed = std::fs::remove_file(path).is_ok();
-                bail!(
-                    "no livepatch agent answers in process {pid}: {} is a stale socket left by \
-                     an earlier process with that pid{}",
-                    path.display(),
-                    if removed { " (removed)" } else { "" }
-                )
+                return Err(NoAgent {
+                    pid,
+                    why: format!(
+                        "{} is a stale socket left by an earlier process with that pid{}",
+                        path.display(),
+                        if removed { ", removed" } else { "" }
+                    ),
+                }
+                .into());
             }
             Err(errno) => bail!("cannot connect to {}: {errno}", path.display()),
         }

@@ -7,8 +7,9 @@
 //! root may connect (checked with the peer's credentials).
 
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use livepatch_protocol::{Command, Request, Response, VERSION};
@@ -21,11 +22,49 @@ use crate::control::requests;
 /// The longest a request line may be.
 const MAX_LINE: usize = 64 * 1024;
 
+/// The most connections served at once; one more is closed as soon as it is accepted.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// The descriptors the control thread serves (its listener and connections), kept where a
+/// forked child, which has no control thread, can find its copies and close them.
+static SERVED: [AtomicI32; MAX_CONNECTIONS + 1] =
+    [const { AtomicI32::new(-1) }; MAX_CONNECTIONS + 1];
+
+/// Records a served descriptor; false when the table is full.
+fn track(fd: RawFd) -> bool {
+    SERVED.iter().any(|slot| {
+        slot.compare_exchange(-1, fd, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    })
+}
+
+fn untrack(fd: RawFd) {
+    for slot in &SERVED {
+        let _ = slot.compare_exchange(fd, -1, Ordering::AcqRel, Ordering::Acquire);
+    }
+}
+
+/// The descriptors the control thread served when this was read: in a forked child, the
+/// parent's, which the child must close.
+pub fn served_descriptors() -> Vec<RawFd> {
+    SERVED
+        .iter()
+        .map(|slot| slot.load(Ordering::Acquire))
+        .filter(|&fd| fd >= 0)
+        .collect()
+}
+
 struct Connection {
     stream: UnixStream,
     buf: Vec<u8>,
     /// A wait request held back: the patch and when to answer at the latest.
     waiting: Option<(String, Instant)>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        untrack(self.stream.as_raw_fd());
+    }
 }
 
 /// Whether the peer is this process's user or root.
@@ -37,6 +76,7 @@ fn peer_allowed(stream: &UnixStream) -> bool {
 /// Serves the socket forever, running the transition work when it is due.
 pub fn serve(agent: &'static Agent, listener: UnixListener) {
     agent.set_control_thread();
+    track(listener.as_raw_fd());
     let mut conns: Vec<Connection> = Vec::new();
     loop {
         let now = Instant::now();
@@ -111,15 +151,17 @@ fn accept_all(listener: &UnixListener, conns: &mut Vec<Connection>) {
     loop {
         match listener.accept() {
             Ok((stream, _)) => {
-                if !peer_allowed(&stream) {
+                if !peer_allowed(&stream) || !track(stream.as_raw_fd()) {
                     continue;
                 }
-                if stream.set_nonblocking(true).is_ok() {
-                    conns.push(Connection {
-                        stream,
-                        buf: Vec::new(),
-                        waiting: None,
-                    });
+                // Untracked again when dropped, whatever happens next.
+                let conn = Connection {
+                    stream,
+                    buf: Vec::new(),
+                    waiting: None,
+                };
+                if conn.stream.set_nonblocking(true).is_ok() {
+                    conns.push(conn);
                 }
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => return,

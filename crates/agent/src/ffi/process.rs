@@ -1,14 +1,85 @@
 //! The process around the agent: the agent's own thread, which receives none of the program's
-//! signals, and the removal of its socket when the process exits normally.
+//! signals; `fork` (the kernel's `klp_copy_process`), after which the child has an agent of its
+//! own; and the removal of the socket when the process exits normally.
 //!
 //! Safety model of this module: signal sets are plain data of our own, and masks change only
 //! the calling thread's, restored at once; the exit handler is an `extern "C"` function
 //! without arguments that lives as long as the process, and the socket path it unlinks is a C
 //! string set once.
 
+use std::cell::RefCell;
 use std::ffi::CString;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Mutex, Once};
+
+use crate::agent::ForkHold;
+
+thread_local! {
+    /// The agent's locks, held by the forking thread from `prepare_fork` to its end.
+    static FORK_HOLD: RefCell<Option<ForkHold>> = const { RefCell::new(None) };
+}
+
+extern "C" fn before_fork() {
+    if let Some(agent) = crate::current_agent()
+        && !agent.is_control_thread()
+    {
+        let hold = agent.prepare_fork();
+        FORK_HOLD.with(|h| *h.borrow_mut() = Some(hold));
+    }
+}
+
+extern "C" fn after_fork_in_parent() {
+    if let (Some(agent), Some(hold)) = (
+        crate::current_agent(),
+        FORK_HOLD.with(|h| h.borrow_mut().take()),
+    ) {
+        agent.after_fork_in_parent(hold);
+    }
+}
+
+extern "C" fn after_fork_in_child() {
+    let (Some(agent), Some(hold)) = (
+        crate::current_agent(),
+        FORK_HOLD.with(|h| h.borrow_mut().take()),
+    ) else {
+        return;
+    };
+    // The parent's control thread is not in the child, but the descriptors it served are:
+    // closed, so that the parent's clients see the parent's answers and ends alone.
+    for fd in crate::control::server::served_descriptors() {
+        // SAFETY: a descriptor the parent's control thread owned; no thread of the child uses
+        // it, and it is closed once.
+        unsafe { libc::close(fd) };
+    }
+    agent.after_fork_in_child(hold);
+    if let Err(e) = crate::start_control_thread(agent) {
+        eprintln!(
+            "livepatch: agent of forked process {} without control socket: {e}",
+            agent.pid()
+        );
+    }
+}
+
+/// Registers the `fork` handlers once (`pthread_atfork`).
+pub fn handle_forks() {
+    static REGISTERED: Once = Once::new();
+    REGISTERED.call_once(|| {
+        // SAFETY: three extern "C" functions without arguments, valid forever.
+        let r = unsafe {
+            libc::pthread_atfork(
+                Some(before_fork),
+                Some(after_fork_in_parent),
+                Some(after_fork_in_child),
+            )
+        };
+        if r != 0 {
+            eprintln!(
+                "livepatch: fork handlers not registered ({}): a forked child gets no agent",
+                std::io::Error::from_raw_os_error(r)
+            );
+        }
+    });
+}
 
 /// The sockets to remove at exit, with the process that made each: a forked child inherits
 /// its parent's entry and must not remove the parent's socket when it exits.

@@ -153,6 +153,29 @@ pub fn register_birth() {
     }
 }
 
+/// In a child process a `fork` just made: the table holds the calling thread alone, with the
+/// state the forking thread had in the parent (`klp_copy_process` copies the task's state and
+/// pending flag); the records of the parent's other threads, which the child does not have, go.
+pub fn register_forked(state: ThreadState) {
+    let tid = gettid();
+    for chunk in &CHUNK_TABLE {
+        let p = chunk.load(Ordering::Acquire);
+        if p.is_null() {
+            continue;
+        }
+        // SAFETY: a published chunk is never freed (rule 1).
+        for rec in unsafe { &*p } {
+            let owner = rec.tid.load(Ordering::Acquire);
+            if owner > 0 && owner != tid {
+                forget(owner);
+            }
+        }
+    }
+    if let Some(rec) = ensure_slot(tid) {
+        claim(rec, tid, state, Claim::Always);
+    }
+}
+
 /// A record's `tid` while someone writes its state.
 const CLAIMING: Tid = -1;
 
