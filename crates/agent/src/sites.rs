@@ -99,7 +99,7 @@ extern "C" fn decide(cookie: u64, entry_sp: usize) -> usize {
     let site = unsafe { &*(cookie as *const SiteDispatch) };
     threads::set_in_slow_path(true);
     check::switch_at_entry(entry_sp as u64);
-    let target = site.dispatch().choose(threads::current_state());
+    let target = site.dispatch().choose(threads::dispatch_state());
     threads::set_in_slow_path(false);
     address_of(target)
 }

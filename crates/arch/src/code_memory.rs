@@ -125,6 +125,7 @@ fn map_arena_near(near: usize) -> Result<usize, MemoryError> {
         start: high,
         end: high,
         prot: 0,
+        offset: 0,
         name: String::new(),
     })) {
         let gap_start = previous_end.max(low).next_multiple_of(page);

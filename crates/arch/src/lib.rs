@@ -17,6 +17,7 @@
 //!   signal handler.
 //! - [`signals`], [`maps`]: async-signal-safe helpers shared with the agent, and the memory map.
 
+pub mod asleep;
 pub mod code_memory;
 pub mod code_write;
 pub mod entry;

@@ -1,6 +1,6 @@
-//! `/proc/self/maps`: what is mapped where, with which protection.
+//! `/proc/PID/maps`: what is mapped where, with which protection, from which file.
 
-/// One line of `/proc/self/maps`.
+/// One line of `/proc/PID/maps`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mapping {
     /// First address.
@@ -9,21 +9,34 @@ pub struct Mapping {
     pub end: usize,
     /// `PROT_*` bits.
     pub prot: i32,
+    /// The offset in the mapped file of the first address.
+    pub offset: u64,
     /// The mapped file or pseudo-name (`[stack]`), empty for anonymous memory.
     pub name: String,
 }
 
 /// The current mappings, sorted by address.
 pub fn read() -> std::io::Result<Vec<Mapping>> {
-    let text = std::fs::read_to_string("/proc/self/maps")?;
+    read_file("/proc/self/maps")
+}
+
+/// The mappings of process `pid`, sorted by address.
+pub fn read_process(pid: u32) -> std::io::Result<Vec<Mapping>> {
+    read_file(&format!("/proc/{pid}/maps"))
+}
+
+fn read_file(path: &str) -> std::io::Result<Vec<Mapping>> {
+    let text = std::fs::read_to_string(path)?;
     Ok(text.lines().filter_map(parse_line).collect())
 }
 
 fn parse_line(line: &str) -> Option<Mapping> {
-    let mut fields = line.split_ascii_whitespace();
+    // Five fields, then the name, which may hold spaces.
+    let mut fields = line.splitn(6, ' ');
     let (start, end) = fields.next()?.split_once('-')?;
     let perms = fields.next()?.as_bytes();
-    let name = fields.nth(3).unwrap_or("").to_owned();
+    let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
+    let name = fields.nth(2).unwrap_or("").trim_start().to_owned();
     let mut prot = 0;
     if perms.first() == Some(&b'r') {
         prot |= libc::PROT_READ;
@@ -38,6 +51,7 @@ fn parse_line(line: &str) -> Option<Mapping> {
         start: usize::from_str_radix(start, 16).ok()?,
         end: usize::from_str_radix(end, 16).ok()?,
         prot,
+        offset,
         name,
     })
 }
@@ -83,6 +97,9 @@ mod tests {
         assert_eq!((m.start, m.end), (0x7f00, 0x7f80));
         assert_eq!(m.prot, libc::PROT_READ | libc::PROT_EXEC);
         assert_eq!(m.name, "/usr/lib/libc.so.6");
+        assert_eq!(m.offset, 0x1000);
+        let spaced = parse_line("7f00-7f80 r--p 00000000 08:01 99 /tmp/a b/lib.so").unwrap();
+        assert_eq!(spaced.name, "/tmp/a b/lib.so");
         let anon = parse_line("1000-2000 rw-p 00000000 00:00 0").unwrap();
         assert_eq!(anon.prot, libc::PROT_READ | libc::PROT_WRITE);
         assert!(anon.name.is_empty());

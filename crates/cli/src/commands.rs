@@ -60,6 +60,34 @@ pub fn run(program: &str, args: &[String]) -> Result {
     Err(anyhow!("cannot run {program}: {err}").into())
 }
 
+/// Entry point for `livepatch attach`.
+pub fn attach(pid: u32, timeout: Duration) -> Result {
+    let deadline = deadline(timeout);
+    match Client::connect(pid, deadline) {
+        Ok(_) => {
+            println!("livepatch: process {pid} has an agent already");
+            return Ok(());
+        }
+        Err(e) if e.downcast_ref::<crate::socket::NoAgent>().is_none() => return Err(e.into()),
+        Err(_) => {}
+    }
+    attach_agent(pid, deadline)?;
+    Ok(())
+}
+
+/// Loads the agent into process `pid`, which has none, and says so.
+pub fn attach_agent(pid: u32, deadline: Instant) -> anyhow::Result<()> {
+    let agent = paths::agent()?;
+    let attached = livepatch_attach::attach(pid, &agent, deadline)
+        .map_err(|e| anyhow!("cannot attach to process {pid}: {e}"))?;
+    println!(
+        "livepatch: agent attached to process {pid} (its thread {} was stopped for {:.1} ms)",
+        attached.tid,
+        attached.stopped.as_secs_f64() * 1000.0
+    );
+    Ok(())
+}
+
 /// Entry point for `livepatch agent-path`.
 pub fn agent_path() -> Result {
     println!("{}", paths::agent()?.display());
@@ -79,7 +107,12 @@ pub fn load(pid: u32, patch: &Path, children: bool, wait: Wait) -> Result {
     let path = patch
         .canonicalize()
         .with_context(|| format!("cannot use patch library {}", patch.display()))?;
-    let mut targets = targets::reach(pid, children, wait.deadline(start))?;
+    let mut targets = targets::reach(
+        pid,
+        children,
+        targets::Attach::Missing,
+        wait.deadline(start),
+    )?;
     let mut name = None;
     for i in 0..targets.len() {
         let target = &mut targets[i];
@@ -261,7 +294,7 @@ fn in_process(e: anyhow::Error, pid: u32, several: bool) -> anyhow::Error {
 /// Entry point for `livepatch disable`.
 pub fn disable(pid: u32, patch: &str, children: bool, wait: Wait) -> Result {
     let start = Instant::now();
-    let targets = targets::reach(pid, children, wait.deadline(start))?;
+    let targets = targets::reach(pid, children, targets::Attach::Never, wait.deadline(start))?;
     let mut targets = having_patch(targets, patch, true)?;
     let several = targets.len() > 1;
     for target in &mut targets {
@@ -308,7 +341,7 @@ pub fn force(pid: u32, patch: &str, timeout: Duration) -> Result {
 
 /// Entry point for `livepatch unload`.
 pub fn unload(pid: u32, patch: &str, children: bool, timeout: Duration) -> Result {
-    let targets = targets::reach(pid, children, deadline(timeout))?;
+    let targets = targets::reach(pid, children, targets::Attach::Never, deadline(timeout))?;
     let targets = having_patch(targets, patch, false)?;
     let several = targets.len() > 1;
     for mut target in targets {

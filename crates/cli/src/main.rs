@@ -43,18 +43,34 @@ enum Verb {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Load the agent into a running process that was started without it.
+    ///
+    /// One thread is stopped with ptrace at a point where it holds neither the dynamic
+    /// loader's nor the allocator's locks, loads the agent, and is given back exactly as it
+    /// was; the other threads keep running. `load` does this by itself for a process without
+    /// an agent. Needs the right to trace the process (same user and
+    /// /proc/sys/kernel/yama/ptrace_scope 0, or CAP_SYS_PTRACE).
+    Attach {
+        /// The target process.
+        pid: u32,
+        /// How long the command may take, in seconds.
+        #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
+        timeout: Duration,
+    },
     /// Print the absolute path of the agent library.
     AgentPath,
     /// Print the directory that holds livepatch.h.
     IncludePath,
     /// Load a patch library into a process and enable its patch.
+    ///
+    /// A process started without the agent gets it first, as `livepatch attach` does.
     Load {
         /// The target process.
         pid: u32,
         /// The patch library (.so).
         patch: PathBuf,
-        /// Also every descendant of the process that has an agent (a pre-forking server's
-        /// workers); descendants without one are named and passed over.
+        /// Also every descendant of the process (a pre-forking server's workers); one without
+        /// an agent gets one if it runs the same program, others are named and passed over.
         #[arg(long)]
         children: bool,
         /// Return once the transition started; do not wait for it.
@@ -195,6 +211,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Verb::Run { program, args } => commands::run(&program, &args),
+        Verb::Attach { pid, timeout } => commands::attach(pid, timeout),
         Verb::AgentPath => commands::agent_path(),
         Verb::IncludePath => commands::include_path(),
         Verb::Load {

@@ -199,9 +199,9 @@ impl std::fmt::Display for NoAgent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "no livepatch agent answers in process {} ({}); start the program with \
-             `livepatch run PROGRAM` or with LD_PRELOAD=$(livepatch agent-path)",
-            self.pid, self.why
+            "no livepatch agent answers in process {} ({}); attach one with `livepatch attach \
+             {}` (`livepatch load` does), or start the program with `livepatch run PROGRAM`",
+            self.pid, self.why, self.pid
         )
     }
 }

@@ -164,7 +164,8 @@ fn children_patches_and_unpatches_a_process_and_every_descendant_with_an_agent()
     }
     assert!(
         stderr(&load).contains(&format!(
-            "process {without_agent} (cat), a descendant of {parent}, has no agent: passed over"
+            "process {without_agent} (cat), a descendant of {parent}, has no agent and runs \
+             another program: passed over"
         )),
         "{}",
         stderr(&load)

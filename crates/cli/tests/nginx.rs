@@ -176,7 +176,10 @@ fn nginx_master_and_workers_are_patched_with_one_command_and_a_reload_keeps_the_
     nginx.every_worker_answers(&workers, 403);
 
     // A reload: the master forks new workers, which have the master's patch.
-    assert!(signal(nginx.master.id(), libc::SIGHUP), "nginx's master is gone");
+    assert!(
+        signal(nginx.master.id(), libc::SIGHUP),
+        "nginx's master is gone"
+    );
     let reloaded = wait_for("the reload's new workers", || {
         let now = nginx.workers();
         if now.is_disjoint(&workers) {

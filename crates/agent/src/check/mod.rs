@@ -5,7 +5,10 @@
 //! - [`config`]: what a round publishes for the handlers, and how it is retired safely.
 //! - [`stack`]: the verdict on one stack (a conservative scan, then a precise walk).
 //! - [`handler`]: the check signal's handler, and the switch at a function's entry.
-//! - [`round`]: a round, run by the control thread: publish, signal, collect the answers.
+//! - [`asleep`]: a thread asleep in a system call, checked by the control thread without a
+//!   signal.
+//! - [`round`]: a round, run by the control thread: publish, check the sleeping threads,
+//!   signal the others, collect the answers.
 //!
 //! Safety model of this module:
 //! 1. The handler acts only on a check signal this process sent with `tgkill`, and only on the
@@ -27,6 +30,7 @@
 //!    path) and cannot enter any code between them, and the switch is a compare-and-swap from
 //!    the pending initial state, so it never overrides a switch made meanwhile.
 
+pub mod asleep;
 pub mod config;
 pub mod handler;
 pub mod round;

@@ -12,8 +12,10 @@ use livepatch_arch::signals::{self, gettid};
 use livepatch_arch::unwind::StackUnwinder;
 use livepatch_core::{BlockingRange, DisjointRanges, PatchState, SwitchResult, ThreadState, Tid};
 
+use super::asleep::check_asleep;
 use super::config::{
     self, ACKS, CheckConfig, EXPECTED_ACKS, RESULT_BLOCKED, RESULT_RACED, RESULT_SWITCHED,
+    with_published_config,
 };
 use crate::threads::{record, register};
 
@@ -33,8 +35,9 @@ pub struct RoundInput<'a> {
     pub unwinder: Option<Arc<StackUnwinder>>,
 }
 
-/// Asks each thread of `tids` (all pending) to check its stack and switch to
-/// `target`; waits up to `deadline` for their answers. `send` delivers the
+/// Checks each thread of `tids` (all pending) that sleeps in a system call from here, and asks
+/// every other to check its stack and switch to `target`; waits up to `deadline` for their
+/// answers. `send` delivers the
 /// check signal to one thread and says whether the thread exists. The
 /// calling thread, if listed, is switched directly: nothing of the code
 /// being checked is on the control thread's stack.
@@ -75,6 +78,12 @@ pub fn check_round(
             } else {
                 SwitchResult::Running
             });
+            continue;
+        }
+        let mut settled = None;
+        with_published_config(|cfg| settled = check_asleep(cfg, rec, tid));
+        if settled.is_some() {
+            results[i] = settled;
             continue;
         }
         rec.request.store(round, Ordering::Release);

@@ -14,7 +14,7 @@ pub(crate) fn mapping_end(stacks: &[(u64, u64)], sp: u64) -> Option<u64> {
 }
 
 /// The longest stack the handler scans; beyond it the stack is unreliable.
-const MAX_SCAN: u64 = 64 << 20;
+pub(crate) const MAX_SCAN: u64 = 64 << 20;
 
 /// What the check found on one stack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,7 +41,7 @@ pub enum Verdict {
 /// no unwinder or no free cache) the scan's verdict stands.
 pub fn check_stack(cfg: &CheckConfig, start: WalkStart) -> Verdict {
     let (pc, sp) = match start {
-        WalkStart::Interrupted { pc, sp, .. } => (pc, sp),
+        WalkStart::Interrupted { pc, sp, .. } | WalkStart::Asleep { pc, sp } => (pc, sp),
         // No instruction of the entered function ran: only its callers are on the stack.
         WalkStart::FunctionEntry { sp } => (0, sp),
     };
@@ -84,23 +84,28 @@ pub fn check_stack(cfg: &CheckConfig, start: WalkStart) -> Verdict {
 /// do with `pc - 1`. A pointer to a function's entry, which a program may
 /// keep in a local for as long as it runs, is never taken for a call into it.
 pub fn scan_stack(cfg: &CheckConfig, pc: u64, sp: u64, top: u64) -> Verdict {
+    let words = (sp..top).step_by(8).map(|p| {
+        // SAFETY: [sp, top) lies in the mapping that holds this thread's stack pointer (rule
+        // 2), which stays mapped while the thread runs this handler on it; `p` is 8-byte
+        // aligned.
+        unsafe { std::ptr::read_volatile(p as *const u64) }
+    });
+    scan_words(cfg, pc, words)
+}
+
+/// [`scan_stack`] over words already read: a copy of a stack.
+pub fn scan_words(cfg: &CheckConfig, pc: u64, words: impl Iterator<Item = u64>) -> Verdict {
     let mut best = cfg.ranges.find(pc);
     // Most stack words are data far from any patched code: one comparison
     // against the span of all ranges rules them out.
     let (low, high) = cfg.ranges.span();
-    let mut p = sp;
-    while p < top {
-        // SAFETY: [sp, top) lies in the mapping that holds this thread's
-        // stack pointer (rule 2), which stays mapped while the thread runs
-        // this handler on it; `p` is 8-byte aligned.
-        let word = unsafe { std::ptr::read_volatile(p as *const u64) };
+    for word in words {
         let call_byte = word.wrapping_sub(1);
         if (low..high).contains(&call_byte)
             && let Some(i) = cfg.ranges.find(call_byte)
         {
             best = Some(best.map_or(i, |b| b.min(i)));
         }
-        p += 8;
     }
     match best {
         Some(i) => Verdict::Blocked(i),
@@ -161,7 +166,7 @@ mod tests {
     fn check(cfg: &CheckConfig, start: WalkStart) -> Checked {
         let sp = start.sp();
         let pc = match start {
-            WalkStart::Interrupted { pc, .. } => pc,
+            WalkStart::Interrupted { pc, .. } | WalkStart::Asleep { pc, .. } => pc,
             WalkStart::FunctionEntry { .. } => 0,
         };
         let top = mapping_end(&cfg.stacks, sp).expect("the stack is a listed mapping");

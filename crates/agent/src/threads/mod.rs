@@ -8,7 +8,7 @@ pub mod records;
 pub mod slow_path;
 
 pub use records::{
-    ThreadRecord, current_state, forget, prepare, record, register, register_birth,
+    ThreadRecord, dispatch_state, forget, prepare, record, register, register_birth,
     register_forked, set_state, state_of, update_patch_state,
 };
 pub use slow_path::{set_in_slow_path, synchronize};

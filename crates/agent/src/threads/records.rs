@@ -4,9 +4,14 @@
 //! Safety model of this module:
 //! 1. Records live in chunks that are allocated in normal context (the control thread, or a
 //!    thread being born) and never freed; a record is found from a thread id with two loads.
-//! 2. A record's state byte (a [`PackedThreadState`]) changes only by compare-and-swap, so a
-//!    thread switching itself (handler, switch point) and the control thread never lose each
-//!    other's update.
+//! 2. A record's state (a [`PackedThreadState`], the low byte of its state word) changes only
+//!    by compare-and-swap, so a thread switching itself (handler, switch point) and the control
+//!    thread never lose each other's update. The word's upper bits are an epoch the stub's slow
+//!    path advances in the same atomic operation that reads the state: a switch the control
+//!    thread decided for a thread asleep in a system call, made with a compare-and-swap of the
+//!    whole word, fails if the thread read its state since (rule 4).
+//! 4. The control thread switches a thread asleep only with the word it read before it
+//!    checked the thread ([`ThreadRecord::switch_unread`]).
 //! 3. A record belongs to the thread whose id it holds; claims (a birth, or the control thread
 //!    finding a thread) exclude each other through the `CLAIMING` id, so neither overwrites the
 //!    other's state.
@@ -30,8 +35,9 @@ const CHUNKS: usize = TID_LIMIT >> CHUNK_SHIFT;
 pub struct ThreadRecord {
     /// The thread id the record belongs to; 0 when free.
     tid: AtomicI32,
-    /// The [`PackedThreadState`]: state and pending flag.
-    pub(crate) state: AtomicU8,
+    /// The [`PackedThreadState`] (state and pending flag) in the low byte; above it the epoch
+    /// of its reads by the slow path (rule 2).
+    pub(crate) state: AtomicU32,
     /// Set by the thread while it is inside the stub's slow path.
     pub(crate) in_slow_path: AtomicU8,
     /// Result of the last check: kind.
@@ -48,7 +54,7 @@ impl ThreadRecord {
     const fn new() -> Self {
         ThreadRecord {
             tid: AtomicI32::new(0),
-            state: AtomicU8::new(PackedThreadState::IDLE.0),
+            state: AtomicU32::new(PackedThreadState::IDLE.0 as u32),
             in_slow_path: AtomicU8::new(0),
             result_kind: AtomicU8::new(0),
             request: AtomicU64::new(0),
@@ -59,22 +65,71 @@ impl ThreadRecord {
 
     /// The thread's state.
     pub fn thread_state(&self) -> ThreadState {
-        PackedThreadState(self.state.load(Ordering::SeqCst)).unpack()
+        packed(self.state.load(Ordering::SeqCst)).unpack()
     }
 
     /// Switches the thread from `from` to `to` if it is still in `from` (rule 2); the state
     /// it had otherwise.
     pub fn switch(&self, from: ThreadState, to: ThreadState) -> Result<(), ThreadState> {
+        let from = PackedThreadState::pack(from);
+        let to = PackedThreadState::pack(to);
+        let mut word = self.state.load(Ordering::SeqCst);
+        loop {
+            if packed(word) != from {
+                return Err(packed(word).unpack());
+            }
+            match self.state.compare_exchange(
+                word,
+                with_packed(word, to),
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => return Ok(()),
+                // Only the epoch moved, or the state too: look again.
+                Err(now) => word = now,
+            }
+        }
+    }
+
+    /// The whole state word, for [`ThreadRecord::switch_unread`].
+    pub fn state_word(&self) -> u32 {
+        self.state.load(Ordering::SeqCst)
+    }
+
+    /// The state of a word read with [`ThreadRecord::state_word`].
+    pub fn state_of_word(word: u32) -> ThreadState {
+        packed(word).unpack()
+    }
+
+    /// Switches the thread to `to` only if its state word is still `word`: neither its state
+    /// changed nor did its slow path read it since (rule 4).
+    pub fn switch_unread(&self, word: u32, to: ThreadState) -> bool {
         self.state
             .compare_exchange(
-                PackedThreadState::pack(from).0,
-                PackedThreadState::pack(to).0,
+                word,
+                with_packed(word, PackedThreadState::pack(to)),
                 Ordering::SeqCst,
                 Ordering::SeqCst,
             )
-            .map(|_| ())
-            .map_err(|now| PackedThreadState(now).unpack())
+            .is_ok()
     }
+
+    /// The state, read by the thread's slow path to choose a version: the read advances the
+    /// epoch, in the same atomic operation (rule 2).
+    fn read_for_dispatch(&self) -> ThreadState {
+        packed(self.state.fetch_add(EPOCH_ONE, Ordering::SeqCst)).unpack()
+    }
+}
+
+/// One step of the epoch, above the state byte; it wraps around without touching the byte.
+const EPOCH_ONE: u32 = 1 << 8;
+
+fn packed(word: u32) -> PackedThreadState {
+    PackedThreadState(word as u8)
+}
+
+fn with_packed(word: u32, state: PackedThreadState) -> u32 {
+    (word & !0xff) | u32::from(state.0)
 }
 
 type Chunk = [ThreadRecord; CHUNK_LEN];
@@ -207,8 +262,10 @@ fn claim(rec: &ThreadRecord, tid: Tid, state: ThreadState, how: Claim) {
             break;
         }
     }
-    rec.state
-        .store(PackedThreadState::pack(state).0, Ordering::SeqCst);
+    rec.state.store(
+        u32::from(PackedThreadState::pack(state).0),
+        Ordering::SeqCst,
+    );
     rec.request.store(0, Ordering::Relaxed);
     rec.tid.store(tid, Ordering::Release);
 }
@@ -221,7 +278,8 @@ pub fn forget(tid: Tid) {
             .compare_exchange(tid, CLAIMING, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
     {
-        rec.state.store(PackedThreadState::IDLE.0, Ordering::SeqCst);
+        rec.state
+            .store(u32::from(PackedThreadState::IDLE.0), Ordering::SeqCst);
         rec.tid.store(0, Ordering::Release);
     }
 }
@@ -238,7 +296,7 @@ pub fn set_state(tid: Tid, f: impl Fn(ThreadState) -> ThreadState) {
     let Some(rec) = register(tid) else { return };
     let mut cur = rec.state.load(Ordering::SeqCst);
     loop {
-        let new = PackedThreadState::pack(f(PackedThreadState(cur).unpack())).0;
+        let new = with_packed(cur, PackedThreadState::pack(f(packed(cur).unpack())));
         match rec
             .state
             .compare_exchange(cur, new, Ordering::SeqCst, Ordering::SeqCst)
@@ -249,16 +307,16 @@ pub fn set_state(tid: Tid, f: impl Fn(ThreadState) -> ThreadState) {
     }
 }
 
-/// The state the calling thread runs in, for the stub's slow path. A thread without a record
-/// was not seen being born: it gets the state of a discovered thread, recorded if its slot
-/// exists.
-pub fn current_state() -> PatchState {
+/// The state the calling thread runs in, for the stub's slow path to choose a version by; the
+/// read advances the record's epoch (rule 2). A thread without a record was not seen being
+/// born: it gets the state of a discovered thread, recorded if its slot exists.
+pub fn dispatch_state() -> PatchState {
     let tid = gettid();
     match slot_record(tid) {
-        Some(rec) if rec.tid.load(Ordering::Acquire) == tid => rec.thread_state().state,
+        Some(rec) if rec.tid.load(Ordering::Acquire) == tid => rec.read_for_dispatch().state,
         Some(rec) => {
             claim(rec, tid, published::discovered(), Claim::IfUnclaimed);
-            rec.thread_state().state
+            rec.read_for_dispatch().state
         }
         None => published::discovered().state,
     }

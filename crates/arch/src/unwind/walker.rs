@@ -76,13 +76,23 @@ pub enum WalkStart {
         /// The stack pointer at the entry.
         sp: u64,
     },
+    /// A thread asleep in a system call, seen from another thread: where it called the
+    /// kernel. Its `rbp` is not known.
+    Asleep {
+        /// The instruction after the `syscall`.
+        pc: u64,
+        /// Its stack pointer.
+        sp: u64,
+    },
 }
 
 impl WalkStart {
     /// The lowest stack address the walk may read.
     pub fn sp(self) -> u64 {
         match self {
-            WalkStart::Interrupted { sp, .. } | WalkStart::FunctionEntry { sp } => sp,
+            WalkStart::Interrupted { sp, .. }
+            | WalkStart::FunctionEntry { sp }
+            | WalkStart::Asleep { sp, .. } => sp,
         }
     }
 }
@@ -151,12 +161,9 @@ impl StackUnwinder {
     /// free cache), in which case the frames reported are only a prefix of the stack.
     ///
     /// Async-signal-safe: allocates nothing and takes no lock.
-    pub fn walk(&self, start: WalkStart, stack_end: u64, mut frame: impl FnMut(u64)) -> bool {
-        let Some(mut guard) = self.checkout() else {
-            return false;
-        };
+    pub fn walk(&self, start: WalkStart, stack_end: u64, frame: impl FnMut(u64)) -> bool {
         let stack_start = start.sp();
-        let mut read_stack = |address: u64| -> Result<u64, ()> {
+        let read_stack = |address: u64| -> Result<u64, ()> {
             let inside = address >= stack_start
                 && address.is_multiple_of(8)
                 && address.checked_add(8).is_some_and(|end| end <= stack_end);
@@ -169,7 +176,41 @@ impl StackUnwinder {
             // The address is 8-byte aligned and the whole word lies inside.
             Ok(unsafe { std::ptr::read_volatile(address as *const u64) })
         };
+        self.walk_reading(start, read_stack, frame)
+    }
+
+    /// [`StackUnwinder::walk`] over a copy of another thread's stack: `copy` holds the bytes
+    /// from `start.sp()` up; nothing outside it is read.
+    pub fn walk_copy(&self, start: WalkStart, copy: &[u8], frame: impl FnMut(u64)) -> bool {
+        let base = start.sp();
+        let read_stack = |address: u64| -> Result<u64, ()> {
+            let offset = usize::try_from(address.checked_sub(base).ok_or(())?).map_err(|_| ())?;
+            if !address.is_multiple_of(8) {
+                return Err(());
+            }
+            let bytes = copy
+                .get(offset..offset.checked_add(8).ok_or(())?)
+                .ok_or(())?;
+            Ok(u64::from_ne_bytes(bytes.try_into().map_err(|_| ())?))
+        };
+        self.walk_reading(start, read_stack, frame)
+    }
+
+    fn walk_reading(
+        &self,
+        start: WalkStart,
+        mut read_stack: impl FnMut(u64) -> Result<u64, ()>,
+        mut frame: impl FnMut(u64),
+    ) -> bool {
+        let Some(mut guard) = self.checkout() else {
+            return false;
+        };
         let (mut address, mut regs, mut bp_known) = match start {
+            WalkStart::Asleep { pc, sp } => (
+                FrameAddress::from_instruction_pointer(pc),
+                UnwindRegsX86_64::new(pc, sp, 0),
+                false,
+            ),
             WalkStart::Interrupted { pc, sp, bp } => (
                 FrameAddress::from_instruction_pointer(pc),
                 UnwindRegsX86_64::new(pc, sp, bp),

@@ -1,0 +1,136 @@
+//! What refuses an attach before anything is done to the process, each with its reason: a
+//! process that is gone, stopped, already traced, not a 64-bit x86 program, statically linked,
+//! confined by seccomp, or that cannot see the agent's file where this command sees it.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use object::Endianness;
+use object::read::elf::{ElfFile64, ProgramHeader};
+
+use crate::target_objects::in_target_view;
+
+/// A field of `/proc/PID/status`.
+fn status_field(status: &str, name: &str) -> Option<String> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(|v| v.trim().to_owned())
+}
+
+/// The command name of `pid`, escaped for a message.
+pub fn command_name(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/comm"))
+        .map(|n| {
+            String::from_utf8_lossy(n.trim_ascii_end())
+                .escape_debug()
+                .to_string()
+        })
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// Checks everything that can be known about `pid` without tracing it; the reason it cannot
+/// be attached to, if any.
+pub fn check(pid: u32, agent: &Path) -> Result<(), String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|_| format!("no process {pid}"))?;
+    let state = status_field(&status, "State").unwrap_or_default();
+    if state.starts_with('Z') || state.starts_with('X') {
+        return Err(format!("process {pid} has exited ({state})"));
+    }
+    if state.starts_with('T') || state.starts_with('t') {
+        return Err(format!(
+            "process {pid} is stopped ({state}): continue it (kill -CONT {pid}) first"
+        ));
+    }
+    let tracer: u32 = status_field(&status, "TracerPid")
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0);
+    if tracer != 0 {
+        return Err(format!(
+            "process {pid} is already traced by process {tracer} ({}), a debugger or another \
+             tool; a process has one tracer: detach it first",
+            command_name(tracer)
+        ));
+    }
+    match status_field(&status, "Seccomp").as_deref() {
+        Some("1") => {
+            return Err(format!(
+                "process {pid} runs in seccomp strict mode, which allows no system call the \
+                 agent's start needs"
+            ));
+        }
+        Some("2") => {
+            return Err(format!(
+                "process {pid} runs under a seccomp filter, which may forbid (or kill the \
+                 process for) the system calls the agent's start makes (openat, mmap, clone, \
+                 socket); start the program with `livepatch run` instead"
+            ));
+        }
+        _ => {}
+    }
+    check_program(pid)?;
+    check_agent_visible(pid, agent)
+}
+
+/// The program must be a dynamically linked x86-64 ELF: the agent is loaded by its loader.
+fn check_program(pid: u32) -> Result<(), String> {
+    let exe = format!("/proc/{pid}/exe");
+    let data = std::fs::read(&exe).map_err(|e| format!("cannot read {exe}: {e}"))?;
+    let program = std::fs::read_link(&exe)
+        .map(|p| p.display().to_string().escape_debug().to_string())
+        .unwrap_or_else(|_| exe.clone());
+    if data.len() < 20 || &data[..4] != b"\x7fELF" {
+        return Err(format!(
+            "process {pid} runs {program}, which is not an ELF program"
+        ));
+    }
+    if data[4] != 2 {
+        return Err(format!(
+            "process {pid} runs {program}, a 32-bit program: only 64-bit x86-64 programs can be \
+             patched"
+        ));
+    }
+    let machine = u16::from_le_bytes([data[18], data[19]]);
+    if data[5] != 1 || machine != 62 {
+        return Err(format!(
+            "process {pid} runs {program}, built for ELF machine {machine}, not x86-64 (62)"
+        ));
+    }
+    let elf = ElfFile64::<Endianness>::parse(&*data)
+        .map_err(|e| format!("process {pid} runs {program}, which cannot be read: {e}"))?;
+    let endian = elf.endian();
+    let has_loader = elf
+        .elf_program_headers()
+        .iter()
+        .any(|header| header.p_type(endian) == object::elf::PT_INTERP);
+    if !has_loader {
+        return Err(format!(
+            "process {pid} runs {program}, which is statically linked: it has no dynamic loader \
+             to load the agent, and cannot be patched"
+        ));
+    }
+    Ok(())
+}
+
+/// The agent's file must be the same file in the process's view (a process in another mount
+/// namespace, a container, sees other files at the same paths).
+fn check_agent_visible(pid: u32, agent: &Path) -> Result<(), String> {
+    let ours = std::fs::metadata(agent)
+        .map_err(|e| format!("cannot use the agent {}: {e}", agent.display()))?;
+    let path = agent.to_string_lossy();
+    let theirs = std::fs::metadata(in_target_view(pid, &path));
+    match theirs {
+        Ok(m) if m.dev() == ours.dev() && m.ino() == ours.ino() => Ok(()),
+        Ok(_) => Err(format!(
+            "process {pid} sees another file at {path} (it runs in another mount namespace, a \
+             container?): make the agent visible to it at the same path, for instance with a \
+             bind mount"
+        )),
+        Err(e) => Err(format!(
+            "process {pid} cannot see the agent at {path} ({e}; it runs in another mount \
+             namespace, a container?): make the agent visible to it at the same path, for \
+             instance with a bind mount"
+        )),
+    }
+}

@@ -1,0 +1,106 @@
+//! The ELF objects mapped in another process: where each is loaded and the functions it
+//! exports, read from its file as the process sees it (`/proc/PID/root`).
+
+use std::path::{Path, PathBuf};
+
+use livepatch_arch::maps::Mapping;
+use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
+
+/// An object mapped in the target.
+#[derive(Debug)]
+pub struct TargetObject {
+    /// Its path in the target's view of the file system.
+    pub path: String,
+    /// Its executable mappings.
+    pub code: Vec<(u64, u64)>,
+    /// Exported (defined, dynamic) functions: name, address in the target, size.
+    pub functions: Vec<(String, u64, u64)>,
+}
+
+impl TargetObject {
+    /// The address of the exported function `name`.
+    pub fn function(&self, name: &str) -> Option<u64> {
+        self.functions
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map(|&(_, addr, _)| addr)
+    }
+
+    /// Whether this is the dynamic loader (`ld-linux-x86-64.so.2`, `ld.so`).
+    pub fn is_loader(&self) -> bool {
+        let file = self.path.rsplit('/').next().unwrap_or("");
+        file.starts_with("ld-linux") || file.starts_with("ld.so") || file.starts_with("ld-2.")
+    }
+}
+
+/// The file `path` of the target's view, reached through its root.
+pub fn in_target_view(pid: u32, path: &str) -> PathBuf {
+    Path::new(&format!("/proc/{pid}/root")).join(path.trim_start_matches('/'))
+}
+
+/// Every ELF file the target maps executable code from, with its exported functions; files
+/// that cannot be read or parsed are left out (the caller asks for what it needs by name).
+pub fn objects(pid: u32, maps: &[Mapping]) -> Vec<TargetObject> {
+    let mut paths: Vec<&str> = maps
+        .iter()
+        .filter(|m| m.prot & libc::PROT_EXEC != 0 && m.name.starts_with('/'))
+        .map(|m| m.name.as_str())
+        .collect();
+    paths.sort_unstable();
+    paths.dedup();
+    paths
+        .into_iter()
+        .filter_map(|path| object_at(pid, maps, path))
+        .collect()
+}
+
+fn object_at(pid: u32, maps: &[Mapping], path: &str) -> Option<TargetObject> {
+    let first = maps.iter().find(|m| m.name == path && m.offset == 0)?;
+    let data = std::fs::read(in_target_view(pid, path)).ok()?;
+    let file = object::File::parse(&*data).ok()?;
+    let first_vaddr = file.segments().map(|s| s.address()).min().unwrap_or(0);
+    let bias = if file.kind() == object::ObjectKind::Dynamic {
+        (first.start as u64).wrapping_sub(first_vaddr & !0xfff)
+    } else {
+        0
+    };
+    let functions = file
+        .dynamic_symbols()
+        .filter(|s| s.is_definition() && s.kind() == SymbolKind::Text)
+        .filter_map(|s| {
+            let name = s.name().ok()?.to_owned();
+            Some((name, s.address().wrapping_add(bias), s.size()))
+        })
+        .collect();
+    let code = maps
+        .iter()
+        .filter(|m| m.name == path && m.prot & libc::PROT_EXEC != 0)
+        .map(|m| (m.start as u64, m.end as u64))
+        .collect();
+    Some(TargetObject {
+        path: path.to_owned(),
+        code,
+        functions,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_libc_exports_malloc_where_it_is_mapped() {
+        let pid = std::process::id();
+        let maps = livepatch_arch::maps::read_process(pid).unwrap();
+        let objects = objects(pid, &maps);
+        let libc = objects
+            .iter()
+            .find(|o| o.function("malloc").is_some())
+            .expect("an object exports malloc");
+        assert_eq!(
+            libc.function("malloc"),
+            Some(libc::malloc as *const () as u64)
+        );
+        assert!(objects.iter().any(TargetObject::is_loader), "{objects:?}");
+    }
+}
