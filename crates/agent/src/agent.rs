@@ -285,7 +285,12 @@ impl Agent {
     pub fn run_work(&self) {
         let mut guard = self.lock();
         let state = &mut *guard;
-        state.platform.objects.refresh();
+        if crate::attached() {
+            // No `dlopen` wrapper reports libraries coming and going: look.
+            notifier::sync_objects(&mut state.core, &mut state.platform);
+        } else {
+            state.platform.objects.refresh();
+        }
         state.platform.retry_restores();
         state.core.transition_work(&mut state.platform);
     }

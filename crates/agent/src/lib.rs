@@ -40,6 +40,24 @@ pub use agent::{Agent, StartError};
 
 static AGENT: OnceLock<Agent> = OnceLock::new();
 
+/// Whether `livepatch attach` loaded the agent into a running process (rather than the
+/// process preloading it): then nothing interposes the program's `dlopen` and `dlclose`, and
+/// the control thread looks for libraries coming and going itself, every
+/// [`ATTACHED_LIBRARY_POLL`].
+static ATTACHED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// How often an attached agent looks for libraries loaded or unloaded.
+pub const ATTACHED_LIBRARY_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+pub(crate) fn set_attached() {
+    ATTACHED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// See [`ATTACHED`].
+pub fn attached() -> bool {
+    ATTACHED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// The agent, if it started. For the C edge only ([`ffi`]): C calls it without an agent in
 /// hand; all other code is passed the agent.
 pub(crate) fn current_agent() -> Option<&'static Agent> {

@@ -26,6 +26,19 @@ pub fn sync_objects(core: &mut Livepatch, platform: &mut ProcessPlatform) -> Opt
         }
         match core.object_coming(platform, &name) {
             Ok(()) => platform.objects.known(&name),
+            // An attached agent learns of a library after the program's `dlopen` returned it:
+            // it cannot fail that call any more, and the library stays, unpatched.
+            Err(e) if crate::attached() => {
+                platform.log.agent(
+                    livepatch_core::Level::Err,
+                    format_args!(
+                        "library {} was loaded by the program but refused by a patch, and runs \
+                         unpatched: {e}",
+                        name.escape_debug()
+                    ),
+                );
+                platform.objects.known(&name);
+            }
             Err(e) => refused = Some(e),
         }
     }

@@ -80,6 +80,7 @@ fn main() {
     };
     let started = Instant::now();
     livepatch_arch::install_stop_signal(libc::SIGRTMIN() + 5).expect("install the stop signal");
+    livepatch_arch::register_sync_core();
     redirect::set_decider(decide);
     let dir = BuildDir::new();
 

@@ -114,11 +114,9 @@ mod tests {
         assert!(still_asleep(tid, &seen));
         let mut word = [0u8; 8];
         assert!(copy_memory(seen.sp, &mut word));
-        // SAFETY: writes one byte from a local.
-        assert_eq!(
-            unsafe { libc::write(write_end, [7u8].as_ptr().cast(), 1) },
-            1
-        );
+        // SAFETY: writes one byte from a local array.
+        let written = unsafe { libc::write(write_end, [7u8].as_ptr().cast(), 1) };
+        assert_eq!(written, 1);
         assert_eq!(reader.join().unwrap(), 7);
         assert!(!still_asleep(tid, &seen));
         assert!(!copy_memory(8, &mut word), "address 8 is never mapped");

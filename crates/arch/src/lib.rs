@@ -35,9 +35,16 @@ pub mod unwind;
 
 pub use redirect::{Decider, Dispatch, RedirectError, SiteInfo, SiteSpec};
 
-/// Installs the stop-the-world signal handler (a real-time signal the program does not use) and
-/// registers for core-serializing barriers. Call once before redirecting anything.
+/// Installs the stop-the-world signal handler (a real-time signal the program does not use).
+/// Call once before redirecting anything.
 pub fn install_stop_signal(signal: i32) -> Result<(), stop_world::StopError> {
-    signals::register_sync_core();
     stop_world::install(signal)
+}
+
+/// Registers the process for core-serializing barriers, which code writes use once it is done
+/// (before, they serialize otherwise). In a process that already has several threads the
+/// kernel makes this wait for an RCU grace period, some milliseconds: the agent's own thread
+/// does it, not a program thread that an attach stopped.
+pub fn register_sync_core() -> bool {
+    signals::register_sync_core()
 }

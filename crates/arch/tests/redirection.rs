@@ -20,6 +20,7 @@ fn setup() -> MutexGuard<'static, ()> {
     static INSTALL: Once = Once::new();
     INSTALL.call_once(|| {
         livepatch_arch::install_stop_signal(libc::SIGRTMIN() + 5).expect("stop signal");
+        livepatch_arch::register_sync_core();
         redirect::set_decider(decide);
     });
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())

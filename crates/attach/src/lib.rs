@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use remote_call::{Arg, CallError, call};
 use safe_point::UnsafeCode;
-use target_objects::TargetObject;
+use target_objects::{LibraryFunction, TargetObject};
 use tracee::{TraceError, Tracee};
 
 /// The agent's exported start for an attach: returns NULL once started, else its reason as
@@ -103,6 +103,14 @@ pub fn attach(pid: u32, agent: &Path, deadline: Instant) -> Result<Attached, Att
         ))
     })?;
     let unsafe_code = UnsafeCode::of(&objects);
+    let start = LibraryFunction::find(&agent, START_SYMBOL).ok_or_else(|| {
+        AttachError::Refused(format!(
+            "{} exports no {START_SYMBOL}: is it the livepatch agent?",
+            agent.display()
+        ))
+    })?;
+    let _child_signals = tracee::ChildSignals::block()
+        .map_err(|e| AttachError::Failed(format!("cannot wait for process {pid}: {e}")))?;
     let mut last_reasons: Vec<(i32, String)> = Vec::new();
     for round in 1..=TRIES {
         last_reasons.clear();
@@ -111,6 +119,7 @@ pub fn attach(pid: u32, agent: &Path, deadline: Instant) -> Result<Attached, Att
                 pid,
                 tid,
                 agent: &agent,
+                start,
                 loader,
                 unsafe_code: &unsafe_code,
                 deadline,
@@ -125,7 +134,7 @@ pub fn attach(pid: u32, agent: &Path, deadline: Instant) -> Result<Attached, Att
                 }
                 Ok(Err(why)) => last_reasons.push((tid, why)),
                 Err(AttemptError::Trace(TraceError::Permission)) => {
-                    return Err(AttachError::Refused(permission_refusal(pid)));
+                    return Err(AttachError::Refused(preflight::permission_refusal(pid)));
                 }
                 // A thread that exited meanwhile, or one that would not stop in time (in an
                 // uninterruptible sleep): the next one.
@@ -172,44 +181,6 @@ fn threads(pid: u32) -> Vec<i32> {
     tids
 }
 
-/// Why tracing fails, said with what can be done about it.
-fn permission_refusal(pid: u32) -> String {
-    let me = nix::unistd::geteuid().as_raw();
-    let owner = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|u| u.split_whitespace().nth(1).map(str::to_owned))
-        })
-        .unwrap_or_else(|| "?".into());
-    let scope = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
-        .ok()
-        .and_then(|s| s.trim().parse::<u32>().ok());
-    let why = match scope {
-        Some(1) => {
-            "/proc/sys/kernel/yama/ptrace_scope is 1 (restricted: a process may trace only its \
-             descendants): run as root or with CAP_SYS_PTRACE, or set it to 0"
-        }
-        Some(2) => {
-            "/proc/sys/kernel/yama/ptrace_scope is 2 (admin-only: tracing needs CAP_SYS_PTRACE): \
-             run as root or with CAP_SYS_PTRACE"
-        }
-        Some(3) => {
-            "/proc/sys/kernel/yama/ptrace_scope is 3 (no process may trace any other until the \
-             next boot)"
-        }
-        _ => {
-            "a process may trace only processes of its own user that did not change \
-             credentials (setuid programs, or ones that made themselves undumpable): run as \
-             root or with CAP_SYS_PTRACE"
-        }
-    };
-    format!(
-        "no permission to trace process {pid} (uid {owner}; this command runs as uid {me}): {why}"
-    )
-}
-
 #[derive(Debug)]
 enum AttemptError {
     Trace(TraceError),
@@ -227,6 +198,7 @@ struct Attempt<'a> {
     pid: u32,
     tid: i32,
     agent: &'a Path,
+    start: LibraryFunction,
     loader: Loader,
     unsafe_code: &'a UnsafeCode,
     deadline: Instant,
@@ -299,17 +271,12 @@ impl Attempt<'_> {
         let maps = livepatch_arch::maps::read_process(pid)
             .map_err(|_| AttemptError::Trace(TraceError::Gone))?;
         let agent_path = self.agent.to_string_lossy();
-        let start = target_objects::objects(pid, &maps)
-            .into_iter()
-            .find(|o| o.path == agent_path)
-            .and_then(|o| o.function(START_SYMBOL))
-            .ok_or_else(|| {
-                AttemptError::Failed(format!(
-                    "{} is loaded into process {pid} but exports no {START_SYMBOL}: is it the \
-                     livepatch agent?",
-                    self.agent.display()
-                ))
-            })?;
+        let start = self.start.address_in(&maps, &agent_path).ok_or_else(|| {
+            AttemptError::Failed(format!(
+                "{} was loaded into process {pid} but is not in its mappings",
+                self.agent.display()
+            ))
+        })?;
         let refusal = self.call(thread, regs, start, &[], &[])?;
         if refusal != 0 {
             let why = thread.read_c_string(refusal, 4096)?;

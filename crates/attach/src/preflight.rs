@@ -76,41 +76,85 @@ pub fn check(pid: u32, agent: &Path) -> Result<(), String> {
 /// The program must be a dynamically linked x86-64 ELF: the agent is loaded by its loader.
 fn check_program(pid: u32) -> Result<(), String> {
     let exe = format!("/proc/{pid}/exe");
-    let data = std::fs::read(&exe).map_err(|e| format!("cannot read {exe}: {e}"))?;
+    let data = match std::fs::read(&exe) {
+        Ok(data) => data,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(permission_refusal(pid));
+        }
+        Err(e) => return Err(format!("cannot read {exe}: {e}")),
+    };
     let program = std::fs::read_link(&exe)
         .map(|p| p.display().to_string().escape_debug().to_string())
         .unwrap_or_else(|_| exe.clone());
+    loadable_program(&data).map_err(|why| format!("process {pid} runs {program}, {why}"))
+}
+
+/// Why a program file (its bytes) cannot get the agent, if it cannot: not a 64-bit x86-64
+/// ELF, or statically linked. Said as the end of a sentence naming the program.
+pub fn loadable_program(data: &[u8]) -> Result<(), String> {
     if data.len() < 20 || &data[..4] != b"\x7fELF" {
-        return Err(format!(
-            "process {pid} runs {program}, which is not an ELF program"
-        ));
+        return Err("which is not an ELF program".into());
     }
     if data[4] != 2 {
-        return Err(format!(
-            "process {pid} runs {program}, a 32-bit program: only 64-bit x86-64 programs can be \
-             patched"
-        ));
+        return Err("a 32-bit program: only 64-bit x86-64 programs can be patched".into());
     }
     let machine = u16::from_le_bytes([data[18], data[19]]);
     if data[5] != 1 || machine != 62 {
-        return Err(format!(
-            "process {pid} runs {program}, built for ELF machine {machine}, not x86-64 (62)"
-        ));
+        return Err(format!("built for ELF machine {machine}, not x86-64 (62)"));
     }
-    let elf = ElfFile64::<Endianness>::parse(&*data)
-        .map_err(|e| format!("process {pid} runs {program}, which cannot be read: {e}"))?;
+    let elf = ElfFile64::<Endianness>::parse(data)
+        .map_err(|e| format!("which cannot be read as ELF: {e}"))?;
     let endian = elf.endian();
     let has_loader = elf
         .elf_program_headers()
         .iter()
         .any(|header| header.p_type(endian) == object::elf::PT_INTERP);
     if !has_loader {
-        return Err(format!(
-            "process {pid} runs {program}, which is statically linked: it has no dynamic loader \
-             to load the agent, and cannot be patched"
-        ));
+        return Err(
+            "which is statically linked: it has no dynamic loader to load the agent, \
+                    and cannot be patched"
+                .into(),
+        );
     }
     Ok(())
+}
+
+/// Why tracing fails, said with what can be done about it.
+pub fn permission_refusal(pid: u32) -> String {
+    let me = nix::unistd::geteuid().as_raw();
+    let owner = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|u| u.split_whitespace().nth(1).map(str::to_owned))
+        })
+        .unwrap_or_else(|| "?".into());
+    let scope = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok());
+    let why = match scope {
+        Some(1) => {
+            "/proc/sys/kernel/yama/ptrace_scope is 1 (restricted: a process may trace only its \
+             descendants): run as root or with CAP_SYS_PTRACE, or set it to 0"
+        }
+        Some(2) => {
+            "/proc/sys/kernel/yama/ptrace_scope is 2 (admin-only: tracing needs CAP_SYS_PTRACE): \
+             run as root or with CAP_SYS_PTRACE"
+        }
+        Some(3) => {
+            "/proc/sys/kernel/yama/ptrace_scope is 3 (no process may trace any other until the \
+             next boot)"
+        }
+        _ => {
+            "a process may trace only processes of its own user that did not change \
+             credentials (setuid programs, or ones that made themselves undumpable): run as \
+             root or with CAP_SYS_PTRACE"
+        }
+    };
+    format!(
+        "no permission to trace process {pid} (uid {owner}; this command runs as uid {me}): {why}"
+    )
 }
 
 /// The agent's file must be the same file in the process's view (a process in another mount

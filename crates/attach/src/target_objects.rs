@@ -54,13 +54,50 @@ pub fn objects(pid: u32, maps: &[Mapping]) -> Vec<TargetObject> {
         .collect()
 }
 
+/// An exported function of a shared library file, found before the library is mapped: its
+/// value, and the lowest address of the file's segments.
+#[derive(Debug, Clone, Copy)]
+pub struct LibraryFunction {
+    value: u64,
+    first_vaddr: u64,
+}
+
+impl LibraryFunction {
+    /// The exported function `name` of the shared library at `path` (this process's view).
+    pub fn find(path: &std::path::Path, name: &str) -> Option<LibraryFunction> {
+        let data = std::fs::read(path).ok()?;
+        let file = object::File::parse(&*data).ok()?;
+        let value = file
+            .dynamic_symbols()
+            .find(|s| s.is_definition() && s.name() == Ok(name))?
+            .address();
+        Some(LibraryFunction {
+            value,
+            first_vaddr: first_vaddr(&file),
+        })
+    }
+
+    /// Its address in a process that maps the library from `path`.
+    pub fn address_in(&self, maps: &[Mapping], path: &str) -> Option<u64> {
+        let first = maps.iter().find(|m| m.name == path && m.offset == 0)?;
+        Some(
+            (first.start as u64)
+                .wrapping_sub(self.first_vaddr & !0xfff)
+                .wrapping_add(self.value),
+        )
+    }
+}
+
+fn first_vaddr(file: &object::File<'_>) -> u64 {
+    file.segments().map(|s| s.address()).min().unwrap_or(0)
+}
+
 fn object_at(pid: u32, maps: &[Mapping], path: &str) -> Option<TargetObject> {
     let first = maps.iter().find(|m| m.name == path && m.offset == 0)?;
     let data = std::fs::read(in_target_view(pid, path)).ok()?;
     let file = object::File::parse(&*data).ok()?;
-    let first_vaddr = file.segments().map(|s| s.address()).min().unwrap_or(0);
     let bias = if file.kind() == object::ObjectKind::Dynamic {
-        (first.start as u64).wrapping_sub(first_vaddr & !0xfff)
+        (first.start as u64).wrapping_sub(first_vaddr(&file) & !0xfff)
     } else {
         0
     };

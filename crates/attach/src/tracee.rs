@@ -67,6 +67,52 @@ fn failed(what: &'static str) -> impl Fn(Errno) -> TraceError {
     }
 }
 
+/// SIGCHLD blocked on the calling thread while it traces, so that a tracee's stop can be
+/// awaited with `sigtimedwait`; the mask is given back when dropped.
+#[derive(Debug)]
+pub struct ChildSignals {
+    previous: nix::sys::signal::SigSet,
+}
+
+impl ChildSignals {
+    pub fn block() -> Result<ChildSignals, TraceError> {
+        let mut only = nix::sys::signal::SigSet::empty();
+        only.add(Signal::SIGCHLD);
+        let mut previous = nix::sys::signal::SigSet::empty();
+        nix::sys::signal::pthread_sigmask(
+            nix::sys::signal::SigmaskHow::SIG_BLOCK,
+            Some(&only),
+            Some(&mut previous),
+        )
+        .map_err(failed("pthread_sigmask"))?;
+        Ok(ChildSignals { previous })
+    }
+}
+
+impl Drop for ChildSignals {
+    fn drop(&mut self) {
+        // Taken back as it was: a SIGCHLD still pending is then delivered as usual.
+        let _ = nix::sys::signal::pthread_sigmask(
+            nix::sys::signal::SigmaskHow::SIG_SETMASK,
+            Some(&self.previous),
+            None,
+        );
+    }
+}
+
+/// Waits at most `timeout` for a SIGCHLD (blocked by [`ChildSignals`]).
+fn wait_for_child_signal(timeout: Duration) {
+    let mut set = nix::sys::signal::SigSet::empty();
+    set.add(Signal::SIGCHLD);
+    let timeout = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+    };
+    // SAFETY: a valid signal set and timeout, both living across the call; no siginfo is
+    // asked for. EAGAIN (the timeout) and EINTR only end the wait early.
+    unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &timeout) };
+}
+
 /// A seized thread; detached when dropped.
 #[derive(Debug)]
 pub struct Tracee {
@@ -115,11 +161,14 @@ impl Tracee {
                 })?;
             match status {
                 WaitStatus::StillAlive => {
-                    if Instant::now() >= deadline {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
                         return Err(TraceError::Timeout);
                     }
-                    // A stop is a state change waitpid reports; it has no timeout of its own.
-                    std::thread::sleep(Duration::from_micros(200));
+                    // waitpid has no timeout: wait for the SIGCHLD a tracee's stop sends, which
+                    // [`ChildSignals`] keeps blocked for this, at most a little while (another
+                    // child's signal may have been taken for ours).
+                    wait_for_child_signal(left.min(Duration::from_millis(10)));
                 }
                 WaitStatus::PtraceEvent(_, _, _) => return Ok(Stop::Interrupted),
                 WaitStatus::Stopped(_, signal) => return Ok(Stop::Signal(signal)),

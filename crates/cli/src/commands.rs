@@ -49,6 +49,19 @@ fn deadline(timeout: Duration) -> Instant {
 /// preloaded, keeping the PID.
 pub fn run(program: &str, args: &[String]) -> Result {
     let agent = paths::agent()?;
+    // A program the loader does not load gets no agent, and would run unpatchable without a
+    // word: say so instead.
+    if let Some(file) = find_program(program)
+        && let Ok(data) = std::fs::read(&file)
+        && let Err(why) = livepatch_attach::preflight::loadable_program(&data)
+    {
+        return Err(anyhow!(
+            "cannot run {} with the agent: {}, {why}",
+            program.escape_debug(),
+            file.display().to_string().escape_debug()
+        )
+        .into());
+    }
     let preload = match std::env::var("LD_PRELOAD") {
         Ok(old) if !old.is_empty() => format!("{}:{old}", agent.display()),
         _ => agent.display().to_string(),
@@ -86,6 +99,16 @@ pub fn attach_agent(pid: u32, deadline: Instant) -> anyhow::Result<()> {
         attached.stopped.as_secs_f64() * 1000.0
     );
     Ok(())
+}
+
+/// The file `exec` would run for `program`: a path as given, a name searched in `$PATH`.
+fn find_program(program: &str) -> Option<std::path::PathBuf> {
+    if program.contains('/') {
+        return Some(program.into());
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
 }
 
 /// Entry point for `livepatch agent-path`.

@@ -232,20 +232,58 @@ fn unix_stream(path: &Path, deadline: Instant, pid: u32) -> anyhow::Result<UnixS
                 process_state(pid)
             ),
             Err(Errno::ECONNREFUSED) => {
-                // Nobody listens: the socket was left by an earlier process with this pid.
+                // Nobody listens: the socket was left by an earlier process with this pid, or
+                // by this one before it exec'd another program (the agent does not survive
+                // exec unless LD_PRELOAD brings it back).
+                let made_by_this_process = made_after_start(path, pid);
                 let removed = std::fs::remove_file(path).is_ok();
-                return Err(NoAgent {
-                    pid,
-                    why: format!(
-                        "{} is a stale socket left by an earlier process with that pid{}",
-                        path.display(),
-                        if removed { ", removed" } else { "" }
-                    ),
-                }
-                .into());
+                let removed = if removed { ", removed" } else { "" };
+                let why = if made_by_this_process {
+                    format!(
+                        "its agent is gone: {} is the socket it left when the process exec'd a \
+                         new program{removed}",
+                        path.display()
+                    )
+                } else {
+                    format!(
+                        "{} is a stale socket left by an earlier process with that pid{removed}",
+                        path.display()
+                    )
+                };
+                return Err(NoAgent { pid, why }.into());
             }
             Err(errno) => bail!("cannot connect to {}: {errno}", path.display()),
         }
+    }
+}
+
+/// Whether the socket at `path` was made after process `pid` started: by that process.
+fn made_after_start(path: &Path, pid: u32) -> bool {
+    // `/proc/PID/stat` counts the start in clock ticks since boot, which Linux exports at 100
+    // per second (USER_HZ) on every architecture it runs x86-64 on.
+    const TICKS_PER_SECOND: f64 = 100.0;
+    let start_ticks: Option<f64> = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let after_name = stat.rsplit_once(')')?.1.to_owned();
+            after_name.split_ascii_whitespace().nth(19)?.parse().ok()
+        });
+    // The boot's wall-clock time to a hundredth of a second (`btime` has whole seconds).
+    let uptime: Option<f64> = std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|u| u.split_ascii_whitespace().next()?.parse().ok());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .ok();
+    let boot = uptime.zip(now).map(|(up, now)| now - up);
+    let made = std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| m.mtime() as f64 + m.mtime_nsec() as f64 / 1e9);
+    match (start_ticks, boot, made) {
+        // Both clocks count in hundredths of a second: allow two.
+        (Some(ticks), Some(boot), Some(made)) => made > boot + ticks / TICKS_PER_SECOND + 0.02,
+        _ => false,
     }
 }
 

@@ -9,8 +9,9 @@ mod support;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 
 use support::{Cc, cli, livepatch, path_str, scratch, status_json, stderr, stdout, wait_for};
 
@@ -25,7 +26,9 @@ struct Nginx {
 }
 
 impl Nginx {
-    fn start(name: &str) -> Nginx {
+    /// nginx started with `livepatch run`, or (`with_agent` false) as the distribution starts
+    /// it, without the agent.
+    fn start(name: &str, with_agent: bool) -> Nginx {
         assert!(
             Path::new(NGINX).exists(),
             "{NGINX} is missing: install the distribution's nginx (apt-get install nginx)"
@@ -50,16 +53,24 @@ impl Nginx {
              location / {{ return 200 \"original\\n\"; }} }}\n}}\n"
         );
         std::fs::write(dir.join("nginx.conf"), config).unwrap();
-        let master = livepatch()
-            .args(["run", NGINX, "-p", d, "-e"])
+        let mut command = if with_agent {
+            let mut run = livepatch();
+            run.args(["run", NGINX]);
+            run
+        } else {
+            Command::new(NGINX)
+        };
+        let master = command
+            .args(["-p", d, "-e"])
             .arg(dir.join("error.log"))
             .arg("-c")
             .arg(dir.join("nginx.conf"))
+            .env("LIVEPATCH_SOCKET_DIR", scratch().join("sockets"))
             .stdin(Stdio::null())
             .spawn()
             .expect("nginx starts");
         let nginx = Nginx { master, dir, port };
-        nginx.workers();
+        nginx.workers(with_agent);
         nginx
     }
 
@@ -67,16 +78,16 @@ impl Nginx {
         self.master.id().to_string()
     }
 
-    /// The master's workers, once there are [`WORKERS`] of them, each with an agent that
-    /// answers, and no other (a reload's old workers gone).
-    fn workers(&self) -> BTreeSet<String> {
+    /// The master's workers, once there are [`WORKERS`] of them (each with an agent that
+    /// answers, if `with_agent`), and no other (a reload's old workers gone).
+    fn workers(&self, with_agent: bool) -> BTreeSet<String> {
         wait_for("nginx's workers and their agents", || {
             let workers = children(self.master.id());
             let answering = workers
                 .iter()
                 .filter(|w| {
                     let out = cli(&["status", w, "--timeout", "1"]);
-                    out.status.success()
+                    out.status.success() == with_agent
                 })
                 .count();
             if workers.len() == WORKERS && answering == WORKERS {
@@ -156,9 +167,9 @@ fn children(pid: u32) -> BTreeSet<String> {
 
 #[test]
 fn nginx_master_and_workers_are_patched_with_one_command_and_a_reload_keeps_the_patch() {
-    let nginx = Nginx::start("nginx-children");
+    let nginx = Nginx::start("nginx-children", true);
     let master = nginx.pid();
-    let workers = nginx.workers();
+    let workers = nginx.workers(true);
     assert_eq!(nginx.get(), (200, "original\n".to_owned()));
     let patch = Cc::library("nginx/forbidden-patch.c").build("nginx-forbidden");
 
@@ -181,7 +192,7 @@ fn nginx_master_and_workers_are_patched_with_one_command_and_a_reload_keeps_the_
         "nginx's master is gone"
     );
     let reloaded = wait_for("the reload's new workers", || {
-        let now = nginx.workers();
+        let now = nginx.workers(true);
         if now.is_disjoint(&workers) {
             Ok(now)
         } else {
@@ -200,4 +211,33 @@ fn nginx_master_and_workers_are_patched_with_one_command_and_a_reload_keeps_the_
     assert!(unload.status.success(), "{}", stderr(&unload));
     nginx.every_worker_answers(&reloaded, 200);
     assert_eq!(nginx.get(), (200, "original\n".to_owned()));
+}
+
+#[test]
+fn nginx_started_without_the_agent_is_attached_master_and_workers_with_one_command() {
+    // The workers run as nobody and make their socket directory in the base, which must let
+    // every user in, as /run/livepatch does (mode 1777).
+    let base = scratch().join("sockets");
+    std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let nginx = Nginx::start("nginx-attach", false);
+    let master = nginx.pid();
+    let workers = nginx.workers(false);
+    assert_eq!(nginx.get(), (200, "original\n".to_owned()));
+    let patch = Cc::library("nginx/forbidden-patch.c").build("nginx-forbidden");
+
+    let load = cli(&["load", "--children", &master, path_str(&patch)]);
+    assert!(load.status.success(), "{}", stderr(&load));
+    for pid in std::iter::once(&master).chain(&workers) {
+        for line in [
+            format!("agent attached to process {pid} "),
+            format!("patch 'nginx-forbidden' enabled in process {pid}\n"),
+        ] {
+            assert!(stdout(&load).contains(&line), "{}", stdout(&load));
+        }
+    }
+    nginx.every_worker_answers(&workers, 403);
+
+    let disable = cli(&["disable", "--children", &master, "nginx-forbidden"]);
+    assert!(disable.status.success(), "{}", stderr(&disable));
+    nginx.every_worker_answers(&workers, 200);
 }

@@ -76,6 +76,7 @@ fn peer_allowed(stream: &UnixStream) -> bool {
 /// Serves the socket forever, running the transition work when it is due.
 pub fn serve(agent: &'static Agent, listener: UnixListener) {
     agent.set_control_thread();
+    livepatch_arch::register_sync_core();
     track(listener.as_raw_fd());
     let mut conns: Vec<Connection> = Vec::new();
     loop {
@@ -85,7 +86,14 @@ pub fn serve(agent: &'static Agent, listener: UnixListener) {
             .filter_map(|c| c.waiting.as_ref())
             .map(|(_, deadline)| deadline.saturating_duration_since(now))
             .chain(agent.until_next_work())
-            .fold(Duration::from_secs(1), Duration::min);
+            .fold(
+                if crate::attached() {
+                    crate::ATTACHED_LIBRARY_POLL
+                } else {
+                    Duration::from_secs(1)
+                },
+                Duration::min,
+            );
         let ready: Vec<PollFlags> = {
             let mut fds: Vec<PollFd<'_>> = std::iter::once(listener.as_fd())
                 .chain(conns.iter().map(|c| c.stream.as_fd()))

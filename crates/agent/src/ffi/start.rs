@@ -30,6 +30,7 @@ static START_WHEN_PRELOADED: extern "C" fn() = start_when_preloaded;
 #[unsafe(no_mangle)]
 pub extern "C" fn livepatch_attach_start() -> *const c_char {
     static REFUSAL: OnceLock<CString> = OnceLock::new();
+    crate::set_attached();
     match crate::start() {
         Ok(()) => std::ptr::null(),
         Err(e) => REFUSAL
