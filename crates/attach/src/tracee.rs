@@ -198,22 +198,8 @@ impl Tracee {
     pub fn save(&self) -> Result<SavedState, TraceError> {
         let regs = self.regs()?;
         let mut xstate = vec![0u8; XSTATE_MAX];
-        let mut iov = libc::iovec {
-            iov_base: xstate.as_mut_ptr().cast(),
-            iov_len: xstate.len(),
-        };
-        // SAFETY: PTRACE_GETREGSET writes at most iov_len bytes into the buffer iov points to,
-        // which lives across the call, and sets iov_len to what it wrote.
-        let r = unsafe {
-            libc::ptrace(
-                libc::PTRACE_GETREGSET,
-                self.tid.as_raw(),
-                NT_X86_XSTATE as usize as *mut libc::c_void,
-                &mut iov as *mut libc::iovec,
-            )
-        };
-        Errno::result(r).map_err(failed("PTRACE_GETREGSET"))?;
-        xstate.truncate(iov.iov_len);
+        let len = self.xstate(libc::PTRACE_GETREGSET, &mut xstate)?;
+        xstate.truncate(len);
         let mut sigmask = 0u64;
         // SAFETY: PTRACE_GETSIGMASK writes a signal set of the size given (8 bytes, the
         // kernel's sigset_t) into `sigmask`, which lives across the call.
@@ -236,23 +222,35 @@ impl Tracee {
     /// Gives the thread back everything [`Tracee::save`] read.
     pub fn restore(&self, saved: &SavedState) -> Result<(), TraceError> {
         self.set_regs(saved.regs)?;
-        let mut xstate = saved.xstate.clone();
+        self.xstate(libc::PTRACE_SETREGSET, &mut saved.xstate.clone())?;
+        self.set_sigmask(saved.sigmask)
+    }
+
+    /// `PTRACE_GETREGSET` (into `buf`) or `PTRACE_SETREGSET` (from `buf`) of the extended
+    /// state; the length the kernel read or wrote.
+    fn xstate(&self, request: libc::c_uint, buf: &mut [u8]) -> Result<usize, TraceError> {
         let mut iov = libc::iovec {
-            iov_base: xstate.as_mut_ptr().cast(),
-            iov_len: xstate.len(),
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
         };
-        // SAFETY: PTRACE_SETREGSET reads iov_len bytes from the buffer iov points to, which
-        // lives across the call: the state the kernel gave us.
+        // SAFETY: the kernel writes (GETREGSET) or reads (SETREGSET) at most iov_len bytes of
+        // the buffer iov points to, which lives across the call, and sets iov_len to the length
+        // it used.
         let r = unsafe {
             libc::ptrace(
-                libc::PTRACE_SETREGSET,
+                request,
                 self.tid.as_raw(),
                 NT_X86_XSTATE as usize as *mut libc::c_void,
                 &mut iov as *mut libc::iovec,
             )
         };
-        Errno::result(r).map_err(failed("PTRACE_SETREGSET"))?;
-        self.set_sigmask(saved.sigmask)
+        let what = if request == libc::PTRACE_GETREGSET {
+            "PTRACE_GETREGSET"
+        } else {
+            "PTRACE_SETREGSET"
+        };
+        Errno::result(r).map_err(failed(what))?;
+        Ok(iov.iov_len)
     }
 
     /// Sets the thread's signal mask (SIGKILL and SIGSTOP stay unblocked whatever it says).

@@ -7,15 +7,17 @@
 //! Run with `cargo bench -p livepatch-cli --bench reach`. Needs `cc`; attaching needs the
 //! right to trace (root, or the same user with ptrace_scope 0).
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 #[path = "../tests/support/mod.rs"]
 mod support;
+#[path = "common/target.rs"]
+mod target;
 
 use support::{Cc, Profile, VALUE_PATCH, build_agent, path_str, scratch, wait_for_socket};
+use target::Target;
 
 const RUNS: usize = 7;
 const FLAGS: [&str; 2] = ["-O2", "-pthread"];
@@ -24,60 +26,6 @@ fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("benches/fixtures")
         .join(name)
-}
-
-struct Target {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Target {
-    /// Starts `program` (with the agent preloaded when `agent` is given) and waits for its
-    /// `ready` line.
-    fn start(agent: Option<&Path>, program: &Path, args: &[String]) -> Self {
-        let mut command = Command::new(program);
-        command
-            .args(args)
-            .env("LIVEPATCH_SOCKET_DIR", scratch().join("sockets"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped());
-        if let Some(agent) = agent {
-            command.env("LD_PRELOAD", agent);
-        }
-        let mut child = command.spawn().expect("program starts");
-        let stdin = child.stdin.take().unwrap();
-        let mut target = Target {
-            stdout: BufReader::new(child.stdout.take().unwrap()),
-            stdin,
-            child,
-        };
-        assert_eq!(target.line(), "ready");
-        target
-    }
-
-    fn line(&mut self) -> String {
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).expect("program output");
-        line.trim_end().to_string()
-    }
-
-    fn ask(&mut self, command: &str) -> String {
-        writeln!(self.stdin, "{command}").unwrap();
-        self.stdin.flush().unwrap();
-        self.line()
-    }
-
-    fn pid(&self) -> String {
-        self.child.id().to_string()
-    }
-}
-
-impl Drop for Target {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn livepatch(agent: &Path, args: &[&str]) -> (Duration, String) {

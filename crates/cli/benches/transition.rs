@@ -10,15 +10,17 @@
 //!
 //! Run with `cargo bench -p livepatch-cli --bench transition`. Needs `cc`.
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 #[path = "../tests/support/mod.rs"]
 mod support;
+#[path = "common/target.rs"]
+mod target;
 
 use support::{Cc, Profile, VALUE_PATCH, build_agent, path_str, scratch, wait_for_socket};
+use target::Target;
 
 const RUNS: usize = 7;
 
@@ -46,55 +48,11 @@ fn many_functions(count: usize) -> (PathBuf, PathBuf) {
     )
 }
 
-struct Target {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Target {
-    fn start(agent: &Path, program: &Path, args: &[String]) -> Self {
-        let mut child = Command::new(program)
-            .args(args)
-            .env("LD_PRELOAD", agent)
-            .env("LIVEPATCH_SOCKET_DIR", scratch().join("sockets"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("program starts");
-        let stdin = child.stdin.take().unwrap();
-        let mut target = Target {
-            stdout: BufReader::new(child.stdout.take().unwrap()),
-            stdin,
-            child,
-        };
-        assert_eq!(target.line(), "ready");
-        wait_for_socket(&target.pid());
-        target
-    }
-
-    fn line(&mut self) -> String {
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).expect("program output");
-        line.trim_end().to_string()
-    }
-
-    fn ask(&mut self, command: &str) -> String {
-        writeln!(self.stdin, "{command}").unwrap();
-        self.stdin.flush().unwrap();
-        self.line()
-    }
-
-    fn pid(&self) -> String {
-        self.child.id().to_string()
-    }
-}
-
-impl Drop for Target {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The program with the agent preloaded, once its agent answers.
+fn start(agent: &Path, program: &Path, args: &[String]) -> Target {
+    let target = Target::start(Some(agent), program, args);
+    wait_for_socket(&target.pid());
+    target
 }
 
 fn livepatch(args: &[&str]) -> Duration {
@@ -181,7 +139,7 @@ fn main() {
     };
     for &idle in idle_counts {
         let args = [idle.to_string(), "0".to_string()];
-        let mut target = Target::start(&agent, &threads_program, &args);
+        let mut target = start(&agent, &threads_program, &args);
         report(
             &format!("{idle} idle threads"),
             &measure(&mut target, &value_patch, value_probe),
@@ -190,7 +148,7 @@ fn main() {
     if !quick {
         for &idle in &[10usize, 1000] {
             let args = [idle.to_string(), "4".to_string()];
-            let mut target = Target::start(&agent, &threads_program, &args);
+            let mut target = start(&agent, &threads_program, &args);
             report(
                 &format!("{idle} idle + 4 busy threads"),
                 &measure(&mut target, &value_patch, value_probe),
@@ -200,7 +158,7 @@ fn main() {
     let function_counts: &[usize] = if quick { &[1] } else { &[1, 100, 10_000] };
     for &count in function_counts {
         let (program, patch) = many_functions(count);
-        let mut target = Target::start(&agent, &program, &[]);
+        let mut target = start(&agent, &program, &[]);
         report(
             &format!("{count} functions"),
             &measure(&mut target, &patch, ("call", "1", "-1")),

@@ -45,16 +45,7 @@ pub fn with_descendants(pid: u32) -> Vec<u32> {
     order
 }
 
-/// The command name of `pid` (`/proc/N/comm`), for messages, escaped.
-pub fn command_name(pid: u32) -> String {
-    std::fs::read(format!("/proc/{pid}/comm"))
-        .map(|name| {
-            String::from_utf8_lossy(name.trim_ascii_end())
-                .escape_debug()
-                .to_string()
-        })
-        .unwrap_or_else(|_| "?".to_owned())
-}
+pub use livepatch_attach::preflight::command_name;
 
 #[cfg(test)]
 mod tests {
