@@ -143,8 +143,9 @@ impl Agent {
     /// log), so that no other thread holds one when the process is copied; the child would
     /// find it held forever. Everything else the agent locks is locked under its state's lock.
     pub fn prepare_fork(&'static self) -> ForkHold {
-        let forking_thread = crate::threads::state_of(gettid());
         let state = self.lock();
+        // Read under the lock: a round, which holds it, may switch this thread meanwhile.
+        let forking_thread = crate::threads::state_of(gettid());
         let shadow = self.shadow.hold();
         let log = self.log.hold();
         ForkHold {

@@ -50,6 +50,19 @@ fn last_errno() -> i32 {
 
 /// Installs `handler` for `signal` with every signal blocked while it runs. Refuses when the
 /// program already has a handler there: we never replace the program's own handlers.
+/// Where a handler of `signal` returns to: the C library's signal-return trampoline (its
+/// `sa_restorer`), which the kernel puts on a thread's stack as the return address of every
+/// handler it runs, so a stack that holds it is a stack a handler runs on.
+pub fn signal_return(signal: i32) -> Option<usize> {
+    // SAFETY: sigaction is plain data; zeroed is a valid "no handler, empty mask" value.
+    let mut current: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: querying the current action with a null new action changes nothing.
+    if unsafe { libc::sigaction(signal, std::ptr::null(), &mut current) } != 0 {
+        return None;
+    }
+    current.sa_restorer.map(|f| f as usize)
+}
+
 pub fn install_handler(signal: i32, handler: SignalHandler) -> Result<(), SignalError> {
     if signal < libc::SIGRTMIN() || signal > libc::SIGRTMAX() {
         return Err(SignalError::NotRealTime {

@@ -28,9 +28,39 @@ pub const START_SYMBOL: &str = "livepatch_attach_start";
 /// How many times every thread is tried before the attach gives up.
 const TRIES: u32 = 50;
 
-/// `RTLD_NOW`; `__libc_dlopen_mode` also wants glibc's private `__RTLD_DLOPEN`.
-const RTLD_NOW: u64 = 2;
+/// `RTLD_NOW | RTLD_GLOBAL`: the agent's exports (`klp_shadow_get`, ...) must resolve the
+/// patch libraries loaded later, as a preloaded agent's do; `__libc_dlopen_mode` also wants
+/// glibc's private `__RTLD_DLOPEN`.
+const RTLD_NOW_GLOBAL: u64 = 2 | 0x100;
 const RTLD_DLOPEN: u64 = 0x8000_0000;
+
+/// The signals a fault raises: left unblocked during the calls, because the kernel resets the
+/// handler of a fault signal that is blocked when it is raised (the return to address 0 raises
+/// SIGSEGV, which the stop then takes before any handler could run).
+const FAULT_SIGNALS: [i32; 5] = [
+    libc::SIGSEGV,
+    libc::SIGBUS,
+    libc::SIGILL,
+    libc::SIGFPE,
+    libc::SIGTRAP,
+];
+
+/// How long the calls may take once started, whatever the command's deadline: a call cannot be
+/// abandoned (the thread would return into nothing), so it gets all the time a loader can need.
+const CALL_BUDGET: Duration = Duration::from_secs(60);
+
+/// System calls that fail with EINTR rather than restart when a ptrace stop interrupts them:
+/// a thread sleeping in one is tried last.
+const NOT_RESTARTED: [i64; 8] = [
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_pwait2,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_select,
+    libc::SYS_pselect6,
+    libc::SYS_io_getevents,
+];
 
 /// Why an attach did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +102,7 @@ impl Loader {
         if let Some(open) = libc.function("dlopen") {
             return Some(Loader {
                 open,
-                flags: RTLD_NOW,
+                flags: RTLD_NOW_GLOBAL,
                 error: libc.function("dlerror"),
             });
         }
@@ -80,7 +110,7 @@ impl Loader {
         let error = objects.iter().find_map(|o| o.function("dlerror"));
         Some(Loader {
             open,
-            flags: RTLD_NOW | RTLD_DLOPEN,
+            flags: RTLD_NOW_GLOBAL | RTLD_DLOPEN,
             error,
         })
     }
@@ -115,6 +145,9 @@ pub fn attach(pid: u32, agent: &Path, deadline: Instant) -> Result<Attached, Att
     for round in 1..=TRIES {
         last_reasons.clear();
         for tid in threads(pid) {
+            if Instant::now() >= deadline {
+                break;
+            }
             let mut attempt = Attempt {
                 pid,
                 tid,
@@ -169,7 +202,9 @@ pub fn attach(pid: u32, agent: &Path, deadline: Instant) -> Result<Attached, Att
     )))
 }
 
-/// The threads of `pid`, the main thread first (it has the largest stack).
+/// The threads of `pid` in the order they are tried: those a stop cannot make fail a system
+/// call first (a thread sleeping in `epoll_wait`, `poll` or `select` would see EINTR), the main
+/// thread first among equals (it has the largest stack).
 fn threads(pid: u32) -> Vec<i32> {
     let mut tids: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
         .map(|dir| {
@@ -177,7 +212,13 @@ fn threads(pid: u32) -> Vec<i32> {
                 .collect()
         })
         .unwrap_or_default();
-    tids.sort_unstable_by_key(|&t| (t != pid as i32, t));
+    let sleeps_in_unrestarted_call = |tid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall"))
+            .ok()
+            .and_then(|s| s.split_ascii_whitespace().next()?.parse::<i64>().ok())
+            .is_some_and(|call| NOT_RESTARTED.contains(&call))
+    };
+    tids.sort_by_cached_key(|&t| (sleeps_in_unrestarted_call(t), t != pid as i32, t));
     tids
 }
 
@@ -219,15 +260,27 @@ impl Attempt<'_> {
             return Ok(Err(why));
         }
         // No signal handler may run on the call's frames; pending signals wait for the mask
-        // to be given back.
-        thread.set_sigmask(!0)?;
+        // to be given back. Fault signals stay unblocked (see FAULT_SIGNALS).
+        let faults = FAULT_SIGNALS
+            .iter()
+            .fold(0u64, |mask, &signal| mask | 1 << (signal - 1));
+        thread.set_sigmask(!faults)?;
+        // Started, the calls are seen through: neither the deadline nor a Ctrl-C of this command
+        // may leave the thread in the middle of them.
+        self.deadline = self.deadline.max(Instant::now() + CALL_BUDGET);
+        let _no_interruption = tracee::TerminalSignals::block();
         let result = self.load_and_start(&mut thread, &saved.regs);
         if let Err(AttemptError::Trace(TraceError::Timeout)) = result {
-            // The call is still running: the registers cannot be given back under it.
+            // The call is still running after all that time (a deadlock the safe point did not
+            // foresee): its registers cannot be given back under it, and letting it go would
+            // make it return into nothing. It stays stopped until this command ends.
             return Err(AttemptError::Failed(format!(
-                "the loader call in thread {} of process {} did not return in time; it is left \
-                 to finish",
-                self.tid, self.pid
+                "the loader call in thread {} of process {} did not return within {} s (a \
+                 deadlock): the thread is left inside it, and gets SIGSEGV if the call ever \
+                 returns",
+                self.tid,
+                self.pid,
+                CALL_BUDGET.as_secs()
             )));
         }
         thread.restore(&saved)?;

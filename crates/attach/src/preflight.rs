@@ -69,6 +69,17 @@ pub fn check(pid: u32, agent: &Path) -> Result<(), String> {
         }
         _ => {}
     }
+    // The calls end with a SIGSEGV the stop takes; the kernel makes an ignored fault signal
+    // take its default action again, which would change the program's disposition.
+    let ignored = status_field(&status, "SigIgn")
+        .and_then(|mask| u64::from_str_radix(&mask, 16).ok())
+        .unwrap_or(0);
+    if ignored & (1 << (libc::SIGSEGV - 1)) != 0 {
+        return Err(format!(
+            "process {pid} ignores SIGSEGV, which the attach's calls end with: the kernel would \
+             reset it to its default action"
+        ));
+    }
     check_program(pid)?;
     check_agent_visible(pid, agent)
 }

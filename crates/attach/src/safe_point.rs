@@ -55,6 +55,8 @@ const LOCK_HOLDERS: &[&str] = &[
     "pthread_exit",
     "exit",
     "_exit",
+    "atexit",
+    "__cxa_atexit",
     "__cxa_finalize",
     "__cxa_thread_atexit_impl",
 ];
@@ -67,6 +69,9 @@ const MIN_STACK: u64 = 64 * 1024;
 pub struct UnsafeCode {
     /// Sorted, disjoint: start, end, what it is.
     ranges: Vec<(u64, u64, String)>,
+    /// The signal-return trampolines: a stack holding one is a signal handler's, which may run
+    /// on an alternate stack with the interrupted frames elsewhere, unscanned.
+    signal_returns: Vec<u64>,
 }
 
 impl UnsafeCode {
@@ -94,7 +99,14 @@ impl UnsafeCode {
         }
         ranges.sort_unstable();
         ranges.dedup_by(|b, a| b.0 < a.1);
-        UnsafeCode { ranges }
+        let signal_returns = objects
+            .iter()
+            .flat_map(|o| o.signal_returns.iter().copied())
+            .collect();
+        UnsafeCode {
+            ranges,
+            signal_returns,
+        }
     }
 
     /// What holds `address`, if it is unsafe code.
@@ -139,6 +151,9 @@ impl UnsafeCode {
             thread.read(at, &mut chunk[..len])?;
             for word in chunk[..len].chunks_exact(8) {
                 let value = u64::from_ne_bytes(word.try_into().unwrap_or_default());
+                if self.signal_returns.contains(&value) {
+                    return Ok(Some("it runs a signal handler".to_owned()));
+                }
                 if let Some(what) = self.holding(value) {
                     return Ok(Some(format!("its stack holds a return into {what}")));
                 }
@@ -160,6 +175,7 @@ mod tests {
                 (0x1000, 0x1100, "malloc".into()),
                 (0x2000, 0x3000, "ld".into()),
             ],
+            signal_returns: Vec::new(),
         };
         assert_eq!(code.holding(0x1000), Some("malloc"));
         assert_eq!(code.holding(0x10ff), Some("malloc"));

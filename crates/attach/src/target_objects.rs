@@ -15,6 +15,9 @@ pub struct TargetObject {
     pub code: Vec<(u64, u64)>,
     /// Exported (defined, dynamic) functions: name, address in the target, size.
     pub functions: Vec<(String, u64, u64)>,
+    /// Its signal-return trampolines (`mov $15, %rax; syscall`: `rt_sigreturn`), the return
+    /// address of every signal handler.
+    pub signal_returns: Vec<u64>,
 }
 
 impl TargetObject {
@@ -109,6 +112,21 @@ fn object_at(pid: u32, maps: &[Mapping], path: &str) -> Option<TargetObject> {
             Some((name, s.address().wrapping_add(bias), s.size()))
         })
         .collect();
+    const SIGRETURN: [u8; 9] = [0x48, 0xc7, 0xc0, 0x0f, 0, 0, 0, 0x0f, 0x05];
+    // Searched in every loaded segment: a match outside code is an address no stack holds.
+    let signal_returns = file
+        .segments()
+        .filter_map(|s| Some((s.address(), s.data().ok()?)))
+        .flat_map(|(address, bytes)| {
+            bytes
+                .windows(SIGRETURN.len())
+                .enumerate()
+                .filter(|(_, w)| *w == SIGRETURN)
+                .map(move |(i, _)| address + i as u64)
+                .collect::<Vec<_>>()
+        })
+        .map(|address| address.wrapping_add(bias))
+        .collect();
     let code = maps
         .iter()
         .filter(|m| m.name == path && m.prot & libc::PROT_EXEC != 0)
@@ -118,6 +136,7 @@ fn object_at(pid: u32, maps: &[Mapping], path: &str) -> Option<TargetObject> {
         path: path.to_owned(),
         code,
         functions,
+        signal_returns,
     })
 }
 
@@ -139,5 +158,23 @@ mod tests {
             Some(libc::malloc as *const () as u64)
         );
         assert!(objects.iter().any(TargetObject::is_loader), "{objects:?}");
+        let restorer = livepatch_arch::signals::signal_return(libc::SIGRTMIN())
+            .or_else(|| {
+                // Any handler gets the C library's trampoline: install one to read it.
+                extern "C" fn nothing(_: libc::c_int) {}
+                // SAFETY: a handler that does nothing, for a signal nobody sends here.
+                unsafe {
+                    libc::signal(
+                        libc::SIGRTMIN() + 3,
+                        nothing as *const () as libc::sighandler_t,
+                    )
+                };
+                livepatch_arch::signals::signal_return(libc::SIGRTMIN() + 3)
+            })
+            .expect("glibc gives handlers a restorer") as u64;
+        assert!(
+            objects.iter().any(|o| o.signal_returns.contains(&restorer)),
+            "the trampoline {restorer:#x} is found in no object"
+        );
     }
 }

@@ -76,16 +76,56 @@ pub struct ChildSignals {
 
 impl ChildSignals {
     pub fn block() -> Result<ChildSignals, TraceError> {
-        let mut only = nix::sys::signal::SigSet::empty();
-        only.add(Signal::SIGCHLD);
-        let mut previous = nix::sys::signal::SigSet::empty();
-        nix::sys::signal::pthread_sigmask(
-            nix::sys::signal::SigmaskHow::SIG_BLOCK,
-            Some(&only),
-            Some(&mut previous),
-        )
-        .map_err(failed("pthread_sigmask"))?;
-        Ok(ChildSignals { previous })
+        block(&[Signal::SIGCHLD]).map(|previous| ChildSignals { previous })
+    }
+}
+
+fn block(signals: &[Signal]) -> Result<nix::sys::signal::SigSet, TraceError> {
+    let mut these = nix::sys::signal::SigSet::empty();
+    for &signal in signals {
+        these.add(signal);
+    }
+    let mut previous = nix::sys::signal::SigSet::empty();
+    nix::sys::signal::pthread_sigmask(
+        nix::sys::signal::SigmaskHow::SIG_BLOCK,
+        Some(&these),
+        Some(&mut previous),
+    )
+    .map_err(failed("pthread_sigmask"))?;
+    Ok(previous)
+}
+
+/// The signals that end this command from a terminal or a service manager, held back while a
+/// thread of the target runs a call this command made (it must not be left in the middle);
+/// delivered when dropped.
+#[derive(Debug)]
+pub struct TerminalSignals {
+    previous: Option<nix::sys::signal::SigSet>,
+}
+
+impl TerminalSignals {
+    pub fn block() -> TerminalSignals {
+        let signals = [
+            Signal::SIGINT,
+            Signal::SIGTERM,
+            Signal::SIGHUP,
+            Signal::SIGQUIT,
+        ];
+        TerminalSignals {
+            previous: block(&signals).ok(),
+        }
+    }
+}
+
+impl Drop for TerminalSignals {
+    fn drop(&mut self) {
+        if let Some(previous) = &self.previous {
+            let _ = nix::sys::signal::pthread_sigmask(
+                nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                Some(previous),
+                None,
+            );
+        }
     }
 }
 
@@ -219,11 +259,15 @@ impl Tracee {
         })
     }
 
-    /// Gives the thread back everything [`Tracee::save`] read.
+    /// Gives the thread back everything [`Tracee::save`] read: each part even if another
+    /// fails; the first failure is returned.
     pub fn restore(&self, saved: &SavedState) -> Result<(), TraceError> {
-        self.set_regs(saved.regs)?;
-        self.xstate(libc::PTRACE_SETREGSET, &mut saved.xstate.clone())?;
-        self.set_sigmask(saved.sigmask)
+        let regs = self.set_regs(saved.regs);
+        let xstate = self
+            .xstate(libc::PTRACE_SETREGSET, &mut saved.xstate.clone())
+            .map(drop);
+        let mask = self.set_sigmask(saved.sigmask);
+        regs.and(xstate).and(mask)
     }
 
     /// `PTRACE_GETREGSET` (into `buf`) or `PTRACE_SETREGSET` (from `buf`) of the extended
@@ -344,9 +388,13 @@ impl Drop for Tracee {
             // fails here, the kernel detaches every tracee when this process exits.
             if ptrace::detach(self.tid, self.deferred).is_err()
                 && ptrace::interrupt(self.tid).is_ok()
-                && self.wait(Instant::now() + Duration::from_secs(1)).is_ok()
             {
-                let _ = ptrace::detach(self.tid, self.deferred);
+                // A signal that arrived meanwhile goes with the detach.
+                let signal = match self.wait(Instant::now() + Duration::from_secs(1)) {
+                    Ok(Stop::Signal(signal)) => Some(signal),
+                    _ => self.deferred,
+                };
+                let _ = ptrace::detach(self.tid, signal);
             }
         }
     }

@@ -306,3 +306,38 @@ fn an_attached_process_has_a_library_it_loads_later_patched_by_the_control_threa
     });
     assert_eq!(object(&status_json(&pid))["name"], "attach-later-target.so");
 }
+
+#[test]
+fn a_process_whose_threads_all_run_signal_handlers_is_refused() {
+    let program = Cc::program(CONFINED)
+        .define("IN_HANDLER", 1)
+        .build("attach-in-handler");
+    let mut target = Target::start_without_agent(&program, &[]);
+    target.expect("in handler");
+    let pid = target.pid();
+    let out = cli(&["attach", &pid]);
+    assert_refused(&out, &["no thread of process", "runs a signal handler"]);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let state = stat.rsplit(')').next().unwrap().trim_start().chars().next();
+    assert_eq!(
+        state,
+        Some('R'),
+        "the program still runs its handler: {stat}"
+    );
+    assert!(!support::socket(&pid).exists(), "an agent started anyway");
+}
+
+#[test]
+fn a_patch_that_calls_the_agent_loads_into_an_attached_process() {
+    let program = Cc::program(CONFINED).build("attach-confined");
+    let patch = Cc::library("attach/shadow-patch.c").build("attach-shadow-patch");
+    let mut target = Target::start_without_agent(&program, &[]);
+    let pid = target.pid();
+    // The patch's `klp_shadow_get_or_alloc` resolves to the attached agent's.
+    let load = cli(&["load", &pid, path_str(&patch)]);
+    assert!(load.status.success(), "{}", stderr(&load));
+    target.send("value");
+    target.expect("value 41");
+    target.send("value");
+    target.expect("value 42");
+}

@@ -7,6 +7,8 @@
 
 #![forbid(unsafe_code)]
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use livepatch_arch::asleep::{asleep, copy_memory, still_asleep};
 use livepatch_arch::unwind::WalkStart;
 use livepatch_core::{SwitchResult, Tid};
@@ -15,13 +17,22 @@ use super::config::CheckConfig;
 use super::stack::{MAX_SCAN, Verdict, mapping_end, scan_words};
 use crate::threads::ThreadRecord;
 
+/// The C library's signal-return trampoline, the return address of every signal handler: a
+/// stack copy that holds it is that of a thread inside a handler, which may run on an
+/// alternate stack and have the rest of its frames elsewhere. Such a thread gets the signal,
+/// whose check knows its stack.
+static SIGNAL_RETURN: AtomicU64 = AtomicU64::new(0);
+
+pub fn set_signal_return(address: u64) {
+    SIGNAL_RETURN.store(address, Ordering::Relaxed);
+}
+
 /// Checks `tid` if it is asleep in a system call: `Switched` or `Blocked` when that settles it,
 /// `None` when the thread must be checked by the signal (it runs, woke up meanwhile, sleeps
 /// in code where no thread may switch, or its state changed).
 pub fn check_asleep(cfg: &CheckConfig, rec: &ThreadRecord, tid: Tid) -> Option<SwitchResult> {
     let word = rec.state_word();
-    if ThreadRecord::state_of_word(word) != cfg.from
-        || rec.in_slow_path.load(std::sync::atomic::Ordering::SeqCst) != 0
+    if ThreadRecord::state_of_word(word) != cfg.from || rec.in_slow_path.load(Ordering::SeqCst) != 0
     {
         return None;
     }
@@ -41,10 +52,16 @@ pub fn check_asleep(cfg: &CheckConfig, rec: &ThreadRecord, tid: Tid) -> Option<S
     if !copy_memory(before.sp, &mut stack) {
         return None;
     }
-    let words = stack
-        .chunks_exact(8)
-        .map(|w| u64::from_ne_bytes(w.try_into().unwrap_or_default()));
-    let mut verdict = scan_words(cfg, before.pc, words);
+    let words = || {
+        stack
+            .chunks_exact(8)
+            .map(|w| u64::from_ne_bytes(w.try_into().unwrap_or_default()))
+    };
+    let signal_return = SIGNAL_RETURN.load(Ordering::Relaxed);
+    if signal_return == 0 || words().any(|w| w == signal_return) {
+        return None;
+    }
+    let mut verdict = scan_words(cfg, before.pc, words());
     // As for a signalled thread: a thread the scan suspects gets the precise walk, here over
     // the copy; only a walk that reached the outermost frame overrules the scan.
     if let (Verdict::Blocked(_), Some(unwinder)) = (verdict, &cfg.unwinder) {

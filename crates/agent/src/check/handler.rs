@@ -21,6 +21,9 @@ static CHECK_SIGNAL: AtomicI32 = AtomicI32::new(0);
 pub fn install(signal: i32) -> Result<(), SignalError> {
     signals::install_handler(signal, on_check_signal)?;
     CHECK_SIGNAL.store(signal, Ordering::Release);
+    if let Some(address) = signals::signal_return(signal) {
+        super::asleep::set_signal_return(address as u64);
+    }
     Ok(())
 }
 

@@ -37,7 +37,7 @@ pub struct ThreadRecord {
     tid: AtomicI32,
     /// The [`PackedThreadState`] (state and pending flag) in the low byte; above it the epoch
     /// of its reads by the slow path (rule 2).
-    pub(crate) state: AtomicU32,
+    pub(crate) state: AtomicU64,
     /// Set by the thread while it is inside the stub's slow path.
     pub(crate) in_slow_path: AtomicU8,
     /// Result of the last check: kind.
@@ -54,7 +54,7 @@ impl ThreadRecord {
     const fn new() -> Self {
         ThreadRecord {
             tid: AtomicI32::new(0),
-            state: AtomicU32::new(PackedThreadState::IDLE.0 as u32),
+            state: AtomicU64::new(PackedThreadState::IDLE.0 as u64),
             in_slow_path: AtomicU8::new(0),
             result_kind: AtomicU8::new(0),
             request: AtomicU64::new(0),
@@ -92,18 +92,18 @@ impl ThreadRecord {
     }
 
     /// The whole state word, for [`ThreadRecord::switch_unread`].
-    pub fn state_word(&self) -> u32 {
+    pub fn state_word(&self) -> u64 {
         self.state.load(Ordering::SeqCst)
     }
 
     /// The state of a word read with [`ThreadRecord::state_word`].
-    pub fn state_of_word(word: u32) -> ThreadState {
+    pub fn state_of_word(word: u64) -> ThreadState {
         packed(word).unpack()
     }
 
     /// Switches the thread to `to` only if its state word is still `word`: neither its state
     /// changed nor did its slow path read it since (rule 4).
-    pub fn switch_unread(&self, word: u32, to: ThreadState) -> bool {
+    pub fn switch_unread(&self, word: u64, to: ThreadState) -> bool {
         self.state
             .compare_exchange(
                 word,
@@ -121,15 +121,15 @@ impl ThreadRecord {
     }
 }
 
-/// One step of the epoch, above the state byte; it wraps around without touching the byte.
-const EPOCH_ONE: u32 = 1 << 8;
+/// One step of the epoch, above the state byte; 56 bits of it never wrap in practice.
+const EPOCH_ONE: u64 = 1 << 8;
 
-fn packed(word: u32) -> PackedThreadState {
+fn packed(word: u64) -> PackedThreadState {
     PackedThreadState(word as u8)
 }
 
-fn with_packed(word: u32, state: PackedThreadState) -> u32 {
-    (word & !0xff) | u32::from(state.0)
+fn with_packed(word: u64, state: PackedThreadState) -> u64 {
+    (word & !0xff) | u64::from(state.0)
 }
 
 type Chunk = [ThreadRecord; CHUNK_LEN];
@@ -220,9 +220,14 @@ pub fn register_forked(state: ThreadState) {
         }
         // SAFETY: a published chunk is never freed (rule 1).
         for rec in unsafe { &*p } {
-            let owner = rec.tid.load(Ordering::Acquire);
-            if owner > 0 && owner != tid {
-                forget(owner);
+            // The child has one thread: every other slot is reset whole, also one a parent's
+            // thread was claiming at the fork (its CLAIMING mark would stay forever).
+            if rec.tid.load(Ordering::Acquire) != tid {
+                rec.state
+                    .store(u64::from(PackedThreadState::IDLE.0), Ordering::SeqCst);
+                rec.in_slow_path.store(0, Ordering::SeqCst);
+                rec.request.store(0, Ordering::Relaxed);
+                rec.tid.store(0, Ordering::Release);
             }
         }
     }
@@ -263,9 +268,12 @@ fn claim(rec: &ThreadRecord, tid: Tid, state: ThreadState, how: Claim) {
         }
     }
     rec.state.store(
-        u32::from(PackedThreadState::pack(state).0),
+        u64::from(PackedThreadState::pack(state).0),
         Ordering::SeqCst,
     );
+    // A slot another thread used may have been left marked (it exited inside a slow path, or
+    // a fork copied it so).
+    rec.in_slow_path.store(0, Ordering::SeqCst);
     rec.request.store(0, Ordering::Relaxed);
     rec.tid.store(tid, Ordering::Release);
 }
@@ -279,7 +287,7 @@ pub fn forget(tid: Tid) {
             .is_ok()
     {
         rec.state
-            .store(u32::from(PackedThreadState::IDLE.0), Ordering::SeqCst);
+            .store(u64::from(PackedThreadState::IDLE.0), Ordering::SeqCst);
         rec.tid.store(0, Ordering::Release);
     }
 }
