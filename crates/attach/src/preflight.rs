@@ -32,6 +32,12 @@ pub fn command_name(pid: u32) -> String {
 /// Checks everything that can be known about `pid` without tracing it; the reason it cannot
 /// be attached to, if any.
 pub fn check(pid: u32, agent: &Path) -> Result<(), String> {
+    check_process(pid)?;
+    check_agent_visible(pid, agent)
+}
+
+/// [`check`] but for the agent's file: whether the process can be attached to at all.
+pub fn check_process(pid: u32) -> Result<(), String> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(|_| format!("no process {pid}"))?;
     let state = status_field(&status, "State").unwrap_or_default();
@@ -80,8 +86,7 @@ pub fn check(pid: u32, agent: &Path) -> Result<(), String> {
              reset it to its default action"
         ));
     }
-    check_program(pid)?;
-    check_agent_visible(pid, agent)
+    check_program(pid)
 }
 
 /// The program must be a dynamically linked x86-64 ELF: the agent is loaded by its loader.

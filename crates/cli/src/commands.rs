@@ -10,6 +10,7 @@ use anyhow::{Context, anyhow};
 use livepatch_protocol::{Command, Outcome, Progress};
 
 use crate::Failure;
+use crate::agent_copy;
 use crate::client::Client;
 use crate::paths;
 use crate::render;
@@ -62,6 +63,12 @@ pub fn run(program: &str, args: &[String]) -> Result {
         )
         .into());
     }
+    let me = nix::unistd::geteuid().as_raw();
+    let agent = private_agent(
+        &agent,
+        me,
+        std::env::var_os(livepatch_protocol::socket::SOCKET_DIR_ENV),
+    );
     let preload = match std::env::var("LD_PRELOAD") {
         Ok(old) if !old.is_empty() => format!("{}:{old}", agent.display()),
         _ => agent.display().to_string(),
@@ -88,9 +95,37 @@ pub fn attach(pid: u32, timeout: Duration) -> Result {
     Ok(())
 }
 
+/// The private copy of the agent for processes of user `uid` (see [`agent_copy`]); the
+/// installed file, with a warning, where no copy can be made.
+fn private_agent(
+    installed: &Path,
+    uid: u32,
+    socket_dir: Option<std::ffi::OsString>,
+) -> std::path::PathBuf {
+    match agent_copy::for_user(installed, uid, socket_dir) {
+        Ok(copy) => copy,
+        Err(e) => {
+            eprintln!(
+                "livepatch: warning: {e:#}; the process maps the installed agent {}, which an \
+                 upgrade that rewrites it in place would change under it",
+                installed.display()
+            );
+            installed.to_owned()
+        }
+    }
+}
+
 /// Loads the agent into process `pid`, which has none, and says so.
 pub fn attach_agent(pid: u32, deadline: Instant) -> anyhow::Result<()> {
-    let agent = paths::agent()?;
+    let installed = paths::agent()?;
+    // Before anything is made for it.
+    livepatch_attach::preflight::check_process(pid)
+        .map_err(|why| anyhow!("cannot attach to process {pid}: {why}"))?;
+    let agent = private_agent(
+        &installed,
+        crate::socket::process_uid(pid)?,
+        crate::socket::target_socket_dir(pid),
+    );
     let attached = livepatch_attach::attach(pid, &agent, deadline)
         .map_err(|e| anyhow!("cannot attach to process {pid}: {e}"))?;
     println!(

@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+mod agent_copy;
 mod client;
 mod commands;
 mod paths;

@@ -59,7 +59,7 @@ pub fn process_state(pid: u32) -> String {
 }
 
 /// `LIVEPATCH_SOCKET_DIR` as the target process sees it, when its environment can be read.
-fn target_socket_dir(pid: u32) -> Option<OsString> {
+pub fn target_socket_dir(pid: u32) -> Option<OsString> {
     let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
     let key = format!("{SOCKET_DIR_ENV}=");
     environ

@@ -236,9 +236,10 @@ fn a_process_that_cannot_see_the_agent_file_is_refused() {
         "this test makes a mount namespace and needs root"
     );
     let program = Cc::program(CONFINED).build("attach-confined");
-    let agent_dir = agent().parent().unwrap().to_owned();
-    // The program in a mount namespace of its own, where the agent's directory is an empty
-    // tmpfs (as a container sees other files at the same paths).
+    // The copy of the agent a process maps lives beside the sockets.
+    let agent_dir = scratch().join("sockets");
+    // The program in a mount namespace of its own, where that directory is an empty tmpfs (as
+    // a container sees other files at the same paths).
     let mut command = Command::new("unshare");
     command
         .args(["--mount", "--propagation", "private", "sh", "-c"])
@@ -340,4 +341,60 @@ fn a_patch_that_calls_the_agent_loads_into_an_attached_process() {
     target.expect("value 41");
     target.send("value");
     target.expect("value 42");
+}
+
+#[test]
+fn processes_map_a_private_copy_of_the_agent_which_an_upgrade_in_place_leaves_alone() {
+    let program = Cc::program(BUSY_SERVICE).build("attach-busy-service");
+    let patch = Cc::library(VALUE_PATCH).build("attach-copy-value");
+    // An installed agent of our own, to rewrite in place.
+    let installed = scratch().join("installed").join("liblivepatch_agent.so");
+    std::fs::create_dir_all(installed.parent().unwrap()).unwrap();
+    std::fs::copy(agent(), &installed).unwrap();
+    let with_installed = |args: &[&str]| {
+        livepatch()
+            .env("LIVEPATCH_AGENT", &installed)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let maps_agent = |pid: &str| -> String {
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+        let line = maps
+            .lines()
+            .find(|l| l.contains("liblivepatch_agent"))
+            .unwrap_or_else(|| panic!("no agent mapped in {pid}:\n{maps}"))
+            .to_owned();
+        line.split_whitespace().last().unwrap().to_owned()
+    };
+    let copies = scratch().join("sockets").join(euid().to_string());
+
+    let mut preloaded = {
+        let mut run = livepatch();
+        run.env("LIVEPATCH_AGENT", &installed)
+            .args(["run", path_str(&program)]);
+        Target::spawn(run, "ready")
+    };
+    support::wait_for_socket(&preloaded.pid());
+    let mut attached = Target::start_without_agent(&program, &[]);
+    let attach = with_installed(&["attach", &attached.pid()]);
+    assert!(attach.status.success(), "{}", stderr(&attach));
+    for target in [&preloaded, &attached] {
+        let mapped = maps_agent(&target.pid());
+        assert!(
+            mapped.starts_with(path_str(&copies)) && mapped != path_str(&installed),
+            "process {} maps {mapped}",
+            target.pid()
+        );
+    }
+
+    // An upgrade that rewrites the installed file in place (same inode, other bytes).
+    let size = std::fs::metadata(&installed).unwrap().len() as usize;
+    std::fs::write(&installed, vec![0xccu8; size]).unwrap();
+    for target in [&mut preloaded, &mut attached] {
+        let load = cli(&["load", &target.pid(), path_str(&patch)]);
+        assert!(load.status.success(), "{}", stderr(&load));
+        target.send("value");
+        target.expect("value 2");
+    }
 }

@@ -217,3 +217,17 @@ fn a_descendant_that_refuses_the_patch_undoes_it_in_the_others() {
         format!("{grandchild} value 2")
     );
 }
+
+#[test]
+fn a_copy_made_by_a_raw_clone_is_refused_with_the_reason() {
+    let mut target = Target::start(&prefork());
+    let parent = target.pid();
+    target.send("rawfork");
+    let line = target.expect(&format!(" of {parent} ready"));
+    let copy = line.split(' ').nth(1).unwrap().to_owned();
+    // No fork handler ran: the copy has the parent's agent but not its thread, and no socket.
+    let attach = cli(&["attach", &copy]);
+    support::refusal::assert_refused(&attach, &[&copy, "made without fork()", "CLONE_VM"]);
+    target.send(&format!("at {copy} value"));
+    target.expect(&format!("{copy} value 1"));
+}

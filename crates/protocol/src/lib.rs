@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 /// The protocol version; bumped on any incompatible change.
 pub const VERSION: u32 = 2;
 
+pub mod directories;
 pub mod socket;
 
 /// A request line.

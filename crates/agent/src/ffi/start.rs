@@ -30,6 +30,25 @@ static START_WHEN_PRELOADED: extern "C" fn() = start_when_preloaded;
 #[unsafe(no_mangle)]
 pub extern "C" fn livepatch_attach_start() -> *const c_char {
     static REFUSAL: OnceLock<CString> = OnceLock::new();
+    static COPIED: OnceLock<CString> = OnceLock::new();
+    // An agent that runs already, but for another process: this one is a copy made without
+    // `fork` (a raw `clone` without CLONE_VM runs no fork handler), whose agent has no thread
+    // and may hold locks of threads the copy does not have.
+    if let Some(agent) = crate::current_agent()
+        && agent.pid() != livepatch_arch::signals::getpid() as u32
+    {
+        return COPIED
+            .get_or_init(|| {
+                CString::new(format!(
+                    "this process is a copy of process {} made without fork() (clone without \
+                     CLONE_VM), which carries that process's agent without its thread; it cannot \
+                     be started again here",
+                    agent.pid()
+                ))
+                .unwrap_or_default()
+            })
+            .as_ptr();
+    }
     crate::set_attached();
     match crate::start() {
         Ok(()) => std::ptr::null(),
