@@ -398,3 +398,50 @@ fn processes_map_a_private_copy_of_the_agent_which_an_upgrade_in_place_leaves_al
         target.expect("value 2");
     }
 }
+
+/// A 32-bit x86 program, made byte by byte (no multilib needed): it writes `ready` and spins.
+fn write_elf32_program(path: &std::path::Path) {
+    const BASE: u32 = 0x0804_8000;
+    const HEADERS: u32 = 52 + 32;
+    let message_at = BASE + HEADERS + 24;
+    let mut code = Vec::new();
+    code.extend([0xb8, 4, 0, 0, 0]); // mov eax, 4 (write)
+    code.extend([0xbb, 1, 0, 0, 0]); // mov ebx, 1
+    code.push(0xb9); // mov ecx, message
+    code.extend(message_at.to_le_bytes());
+    code.extend([0xba, 6, 0, 0, 0]); // mov edx, 6
+    code.extend([0xcd, 0x80]); // int 0x80
+    code.extend([0xeb, 0xfe]); // jmp .
+    code.extend(b"ready\n");
+    let total = HEADERS + code.len() as u32;
+    let mut elf = b"\x7fELF\x01\x01\x01".to_vec();
+    elf.resize(16, 0);
+    let half = |v: u16| v.to_le_bytes();
+    let word = |v: u32| v.to_le_bytes();
+    elf.extend(half(2)); // ET_EXEC
+    elf.extend(half(3)); // EM_386
+    elf.extend(word(1));
+    elf.extend(word(BASE + HEADERS)); // entry
+    elf.extend(word(52)); // program headers
+    elf.extend(word(0));
+    elf.extend(word(0));
+    for v in [52, 32, 1, 0, 0, 0] {
+        elf.extend(half(v));
+    }
+    // PT_LOAD of the whole file, read and execute.
+    for v in [1, 0, BASE, BASE, total, total, 5, 0x1000] {
+        elf.extend(word(v));
+    }
+    elf.extend(code);
+    std::fs::write(path, elf).unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+}
+
+#[test]
+fn a_32_bit_program_is_refused() {
+    let program = scratch().join("elf32-ready");
+    write_elf32_program(&program);
+    let target = Target::spawn(Command::new(&program), "ready");
+    let out = cli(&["attach", &target.pid()]);
+    assert_refused(&out, &["32-bit program", "only 64-bit x86-64"]);
+}
