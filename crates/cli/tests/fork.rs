@@ -6,11 +6,11 @@
 mod support;
 
 use support::{
-    Cc, Target, cli, library, path_str, pending_tids, status_json, stderr, stdout, wait_for_socket,
+    BUSY_PATCH, Cc, Target, cli, library, path_str, pending_tids, status_json, stderr, stdout,
+    wait_for_socket,
 };
 
 const PREFORK: &str = "fork/prefork.c";
-const PREFORK_PATCH: &str = "fork/prefork-patch.c";
 
 fn prefork() -> std::path::PathBuf {
     Cc::program(PREFORK).build("fork-prefork")
@@ -39,7 +39,7 @@ fn value_in(target: &mut Target, pid: &str) -> String {
 fn a_forked_child_keeps_the_patches_and_is_patched_on_its_own() {
     let mut target = Target::start(&prefork());
     let parent = target.pid();
-    let patch = library("fork-busy-patch", PREFORK_PATCH);
+    let patch = library("fork-busy-patch", BUSY_PATCH);
     let load = cli(&["load", &parent, path_str(&patch)]);
     assert!(load.status.success(), "{}", stderr(&load));
     assert_eq!(value_in(&mut target, &parent), format!("{parent} value 2"));
@@ -88,7 +88,7 @@ fn a_forked_child_keeps_the_patches_and_is_patched_on_its_own() {
 fn a_fork_during_a_transition_completes_it_in_the_child() {
     let mut target = Target::start(&prefork());
     let parent = target.pid();
-    let patch = library("fork-transition-patch", PREFORK_PATCH);
+    let patch = library("fork-transition-patch", BUSY_PATCH);
     // A worker inside `stuck` holds the parent's transition.
     target.send("worker");
     target.expect("worker: inside stuck");
@@ -148,7 +148,7 @@ fn tree(target: &mut Target) -> [String; 4] {
 fn children_patches_and_unpatches_a_process_and_every_descendant_with_an_agent() {
     let mut target = Target::start(&prefork());
     let [parent, child, grandchild, without_agent] = tree(&mut target);
-    let patch = library("fork-children-patch", PREFORK_PATCH);
+    let patch = library("fork-children-patch", BUSY_PATCH);
 
     let load = cli(&["load", "--children", &parent, path_str(&patch)]);
     assert!(load.status.success(), "{}", stderr(&load));
@@ -190,7 +190,7 @@ fn children_patches_and_unpatches_a_process_and_every_descendant_with_an_agent()
 fn a_descendant_that_refuses_the_patch_undoes_it_in_the_others() {
     let mut target = Target::start(&prefork());
     let [parent, child, grandchild, _] = tree(&mut target);
-    let patch = library("fork-refused-patch", PREFORK_PATCH);
+    let patch = library("fork-refused-patch", BUSY_PATCH);
     // The grandchild has the patch already: loading it again there is refused.
     let load = cli(&["load", &grandchild, path_str(&patch)]);
     assert!(load.status.success(), "{}", stderr(&load));
