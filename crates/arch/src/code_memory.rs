@@ -126,6 +126,8 @@ fn map_arena_near(near: usize) -> Result<usize, MemoryError> {
         end: high,
         prot: 0,
         offset: 0,
+        device: 0,
+        inode: 0,
         name: String::new(),
     })) {
         let gap_start = previous_end.max(low).next_multiple_of(page);

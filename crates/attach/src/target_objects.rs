@@ -1,6 +1,7 @@
 //! The ELF objects mapped in another process: where each is loaded and the functions it
 //! exports, read from its file as the process sees it (`/proc/PID/root`).
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use livepatch_arch::maps::Mapping;
@@ -95,9 +96,28 @@ fn first_vaddr(file: &object::File<'_>) -> u64 {
     file.segments().map(|s| s.address()).min().unwrap_or(0)
 }
 
+/// The bytes of the file `first` maps: through `/proc/PID/map_files`, which opens the very
+/// file mapped even if it was replaced or removed since (an upgrade of the C library while the
+/// program runs); else at its path in the process's view, if that is still the same file.
+fn mapped_file(pid: u32, first: &Mapping) -> Option<Vec<u8>> {
+    let mapped = format!("/proc/{pid}/map_files/{:x}-{:x}", first.start, first.end);
+    if let Ok(data) = std::fs::read(mapped) {
+        return Some(data);
+    }
+    let path = in_target_view(pid, &first.name);
+    let file = std::fs::File::open(path).ok()?;
+    let meta = file.metadata().ok()?;
+    if (meta.dev(), meta.ino()) != (first.device, first.inode) {
+        return None;
+    }
+    let mut data = Vec::new();
+    std::io::Read::read_to_end(&mut &file, &mut data).ok()?;
+    Some(data)
+}
+
 fn object_at(pid: u32, maps: &[Mapping], path: &str) -> Option<TargetObject> {
     let first = maps.iter().find(|m| m.name == path && m.offset == 0)?;
-    let data = std::fs::read(in_target_view(pid, path)).ok()?;
+    let data = mapped_file(pid, first)?;
     let file = object::File::parse(&*data).ok()?;
     let bias = if file.kind() == object::ObjectKind::Dynamic {
         (first.start as u64).wrapping_sub(first_vaddr(&file) & !0xfff)
@@ -143,6 +163,33 @@ fn object_at(pid: u32, maps: &[Mapping], path: &str) -> Option<TargetObject> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_library_replaced_on_disk_is_read_as_it_is_mapped() {
+        let dir = std::env::temp_dir().join(format!("livepatch-replaced-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let copy = dir.join("libm-copy.so");
+        std::fs::copy("/lib/x86_64-linux-gnu/libm.so.6", &copy).unwrap();
+        let name = std::ffi::CString::new(copy.to_str().unwrap()).unwrap();
+        // SAFETY: a C string naming a copy of the system's libm, loaded and never closed.
+        let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+        assert!(!handle.is_null());
+        // SAFETY: a valid handle and symbol name.
+        let frexp = unsafe { libc::dlsym(handle, c"frexp".as_ptr()) } as u64;
+        // An upgrade: another file renamed over the one mapped.
+        let next = dir.join("next");
+        std::fs::write(&next, b"not a library").unwrap();
+        std::fs::rename(&next, &copy).unwrap();
+        let pid = std::process::id();
+        let maps = livepatch_arch::maps::read_process(pid).unwrap();
+        let object = objects(pid, &maps)
+            .into_iter()
+            .find(|o| o.path.starts_with(copy.to_str().unwrap()))
+            .expect("the replaced library is still read");
+        assert!(object.path.ends_with("(deleted)"), "{}", object.path);
+        assert_eq!(object.function("frexp"), Some(frexp));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn this_process_libc_exports_malloc_where_it_is_mapped() {
