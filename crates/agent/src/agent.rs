@@ -286,7 +286,7 @@ impl Agent {
     pub fn run_work(&self) {
         let mut guard = self.lock();
         let state = &mut *guard;
-        if crate::attached() {
+        if crate::looks_for_libraries() {
             // No `dlopen` wrapper reports libraries coming and going: look.
             notifier::sync_objects(&mut state.core, &mut state.platform);
         } else {

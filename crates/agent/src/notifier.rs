@@ -28,7 +28,7 @@ pub fn sync_objects(core: &mut Livepatch, platform: &mut ProcessPlatform) -> Opt
             Ok(()) => platform.objects.known(&name),
             // An attached agent learns of a library after the program's `dlopen` returned it:
             // it cannot fail that call any more, and the library stays, unpatched.
-            Err(e) if crate::attached() => {
+            Err(e) if crate::looks_for_libraries() => {
                 platform.log.agent(
                     livepatch_core::Level::Err,
                     format_args!(

@@ -87,7 +87,7 @@ pub fn serve(agent: &'static Agent, listener: UnixListener) {
             .map(|(_, deadline)| deadline.saturating_duration_since(now))
             .chain(agent.until_next_work())
             .fold(
-                if crate::attached() {
+                if crate::looks_for_libraries() {
                     crate::ATTACHED_LIBRARY_POLL
                 } else {
                     Duration::from_secs(1)

@@ -22,11 +22,28 @@ pub(crate) type DlopenFn = unsafe extern "C" fn(*const c_char, c_int) -> *mut c_
 pub(crate) type DlcloseFn = unsafe extern "C" fn(*mut c_void) -> c_int;
 pub(crate) type DlerrorFn = unsafe extern "C" fn() -> *mut c_char;
 
-/// The next definition of `name` after this library's (rule 1).
+/// The functions the agent interposes, in the order of [`ORIGINALS`].
+pub(crate) const INTERPOSED: [&CStr; 4] = [c"dlopen", c"dlclose", c"dlerror", c"pthread_create"];
+
+/// In an attached process, where the agent redirected the C library's own entries of
+/// [`INTERPOSED`] to its wrappers (see `ffi::interpose::interpose_by_redirect`): where each
+/// original runs from; 0 elsewhere. Set before the entries jump to the wrappers.
+pub(crate) static ORIGINALS: [std::sync::atomic::AtomicUsize; 4] =
+    [const { std::sync::atomic::AtomicUsize::new(0) }; 4];
+
+/// The next definition of `name` after this library's (rule 1): the original code of a C
+/// library entry the agent redirected to itself, else what `dlsym(RTLD_NEXT)` finds.
 pub(crate) fn next<T: Copy>(cache: &OnceLock<usize>, name: &CStr) -> Option<T> {
-    let addr = *cache.get_or_init(|| {
-        // SAFETY: dlsym with RTLD_NEXT and a valid symbol name (rule 1).
-        unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) as usize }
+    let redirected = INTERPOSED
+        .iter()
+        .position(|n| *n == name)
+        .map(|i| ORIGINALS[i].load(std::sync::atomic::Ordering::Acquire))
+        .filter(|&original| original != 0);
+    let addr = redirected.unwrap_or_else(|| {
+        *cache.get_or_init(|| {
+            // SAFETY: dlsym with RTLD_NEXT and a valid symbol name (rule 1).
+            unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) as usize }
+        })
     });
     if addr == 0 {
         return None;

@@ -41,6 +41,17 @@ thread_local! {
 /// As `dlopen(3)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dlopen(filename: *const c_char, flags: c_int) -> *mut c_void {
+    // SAFETY: the caller's arguments, as dlopen(3) takes them.
+    unsafe { dlopen_wrapper(filename, flags) }
+}
+
+/// The body of [`dlopen`], under a name of this library alone: an exported symbol's address,
+/// taken in this library, is the definition that comes first in the process (the C library's
+/// in an attached process), which a redirect must not jump to.
+///
+/// # Safety
+/// As `dlopen(3)`.
+unsafe extern "C" fn dlopen_wrapper(filename: *const c_char, flags: c_int) -> *mut c_void {
     // SAFETY: forwarding the caller's arguments unchanged (rule 1).
     let handle = unsafe { real_dlopen()(filename, flags) };
     if handle.is_null() {
@@ -73,6 +84,15 @@ pub unsafe extern "C" fn dlopen(filename: *const c_char, flags: c_int) -> *mut c
 /// As `dlerror(3)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dlerror() -> *mut c_char {
+    // SAFETY: as dlerror(3).
+    unsafe { dlerror_wrapper() }
+}
+
+/// The body of [`dlerror`] (see [`dlopen_wrapper`]).
+///
+/// # Safety
+/// As `dlerror(3)`.
+unsafe extern "C" fn dlerror_wrapper() -> *mut c_char {
     if let Some(message) = REFUSAL.with(|r| r.borrow_mut().take()) {
         let pointer = message.as_ptr() as *mut c_char;
         REPORTED.with(|r| *r.borrow_mut() = Some(message));
@@ -92,6 +112,15 @@ pub unsafe extern "C" fn dlerror() -> *mut c_char {
 /// As `dlclose(3)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dlclose(handle: *mut c_void) -> c_int {
+    // SAFETY: the caller's argument, as dlclose(3) takes it.
+    unsafe { dlclose_wrapper(handle) }
+}
+
+/// The body of [`dlclose`] (see [`dlopen_wrapper`]).
+///
+/// # Safety
+/// As `dlclose(3)`.
+unsafe extern "C" fn dlclose_wrapper(handle: *mut c_void) -> c_int {
     // SAFETY: forwarding the caller's argument unchanged (rule 1).
     let r = unsafe { real_dlclose()(handle) };
     if let Some(agent) = crate::current_agent().filter(|a| !a.is_control_thread()) {
@@ -126,6 +155,20 @@ pub unsafe extern "C" fn pthread_create(
     routine: StartRoutine,
     arg: *mut c_void,
 ) -> c_int {
+    // SAFETY: the caller's arguments, as pthread_create(3) takes them.
+    unsafe { pthread_create_wrapper(thread, attr, routine, arg) }
+}
+
+/// The body of [`pthread_create`] (see [`dlopen_wrapper`]).
+///
+/// # Safety
+/// As `pthread_create(3)`.
+unsafe extern "C" fn pthread_create_wrapper(
+    thread: *mut libc::pthread_t,
+    attr: *const libc::pthread_attr_t,
+    routine: StartRoutine,
+    arg: *mut c_void,
+) -> c_int {
     static NEXT: OnceLock<usize> = OnceLock::new();
     let Some(real) = next::<PthreadCreateFn>(&NEXT, c"pthread_create") else {
         return libc::EAGAIN;
@@ -139,4 +182,84 @@ pub unsafe extern "C" fn pthread_create(
         drop(unsafe { Box::from_raw(block) });
     }
     r
+}
+
+/// In a process the agent was attached to, nothing resolves the program's calls to the
+/// wrappers above: the C library's own entries of `dlopen`, `dlclose`, `dlerror` and
+/// `pthread_create` are redirected to them with the agent's own machinery (one stop of the
+/// world), their originals run from the redirected sites' relocated code. Done once, before
+/// the first patch applies (what a library that comes or goes does to patches matters only
+/// then); the reason it could not be, if so, and the agent then looks for libraries itself.
+pub fn interpose_by_redirect() -> Result<(), String> {
+    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let wrappers: [usize; 4] = [
+            dlopen_wrapper as *const () as usize,
+            dlclose_wrapper as *const () as usize,
+            dlerror_wrapper as *const () as usize,
+            pthread_create_wrapper as *const () as usize,
+        ];
+        let mut specs = Vec::new();
+        for name in super::dl::INTERPOSED {
+            // SAFETY: dlsym with the default scope and a valid name; the agent is loaded after
+            // the C library, so this is the C library's definition, which the program uses.
+            let address = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) } as usize;
+            if address == 0 {
+                return Err(format!("no {} in the process", name.to_string_lossy()));
+            }
+            specs.push((
+                name.to_string_lossy().into_owned(),
+                address,
+                symbol_size(address),
+            ));
+        }
+        let sites: Vec<livepatch_arch::SiteSpec<'_>> = specs
+            .iter()
+            .map(|(name, address, size)| livepatch_arch::SiteSpec {
+                name,
+                address: *address,
+                size: *size,
+                cookie: 0,
+            })
+            .collect();
+        let infos = livepatch_arch::redirect::redirect(&sites).map_err(|e| e.to_string())?;
+        for (i, info) in infos.iter().enumerate() {
+            super::dl::ORIGINALS[i]
+                .store(info.original_entry, std::sync::atomic::Ordering::Release);
+        }
+        for (info, wrapper) in infos.iter().zip(wrappers) {
+            livepatch_arch::redirect::set_dispatch(
+                info.function,
+                livepatch_arch::Dispatch::Jump(wrapper),
+            )
+            .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    })
+    .clone()
+}
+
+/// `dladdr1`'s request for the symbol table entry (`<dlfcn.h>`).
+const RTLD_DL_SYMENT: libc::c_int = 1;
+
+/// The size of the function at `address`, from the dynamic symbol table (0 if unknown).
+fn symbol_size(address: usize) -> usize {
+    // SAFETY: Dl_info and the symbol pointer are plain data filled by dladdr1.
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    let mut symbol: *const libc::Elf64_Sym = std::ptr::null();
+    // SAFETY: dladdr1 with RTLD_DL_SYMENT writes a pointer to the symbol's table entry, which
+    // lives as long as the object (the C library, never unloaded).
+    let found = unsafe {
+        libc::dladdr1(
+            address as *const c_void,
+            &mut info,
+            (&raw mut symbol).cast(),
+            RTLD_DL_SYMENT,
+        )
+    };
+    if found == 0 || symbol.is_null() {
+        return 0;
+    }
+    // SAFETY: a non-null symbol entry dladdr1 gave, read once.
+    unsafe { (*symbol).st_size as usize }
 }
