@@ -241,7 +241,11 @@ impl Agent {
         let own = [state.platform.check_signal, state.platform.check_signal + 1];
         let refused = with_signals_blocked(&own, || {
             state.platform.retry_restores();
-            notifier::sync_objects(&mut state.core, &mut state.platform)
+            notifier::sync_objects(
+                &mut state.core,
+                &mut state.platform,
+                notifier::Refusals::ToTheLoader,
+            )
         });
         drop(guard);
         if let Some(refusal) = &refused {
@@ -288,7 +292,11 @@ impl Agent {
         let state = &mut *guard;
         if crate::looks_for_libraries() {
             // No `dlopen` wrapper reports libraries coming and going: look.
-            notifier::sync_objects(&mut state.core, &mut state.platform);
+            notifier::sync_objects(
+                &mut state.core,
+                &mut state.platform,
+                notifier::Refusals::Logged,
+            );
         } else {
             state.platform.objects.refresh();
         }

@@ -11,9 +11,25 @@ use crate::platform::ProcessPlatform;
 /// A library a patch refused as it came: the program's `dlopen` of it must fail.
 pub type ComingRefusal = ComingError;
 
-/// Tells the core about the libraries that came and went. Returns why a coming library was
-/// refused, if one was; the caller must unload it again (and call this once more).
-pub fn sync_objects(core: &mut Livepatch, platform: &mut ProcessPlatform) -> Option<ComingRefusal> {
+/// Who learns of a refusal of a coming library.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusals {
+    /// The program's `dlopen` of it, which waits for the answer: it unloads the library and
+    /// fails.
+    ToTheLoader,
+    /// Nobody waits (a library found by the agent's thread, or one that came with a patch's
+    /// dependencies): it stays, unpatched, and is logged.
+    Logged,
+}
+
+/// Tells the core about the libraries that came and went. With [`Refusals::ToTheLoader`],
+/// returns why a coming library was refused, if one was; the caller must unload it again (and
+/// call this once more).
+pub fn sync_objects(
+    core: &mut Livepatch,
+    platform: &mut ProcessPlatform,
+    refusals: Refusals,
+) -> Option<ComingRefusal> {
     let (gone, new) = platform.objects.changes();
     for name in gone {
         core.object_going(platform, &name);
@@ -26,9 +42,9 @@ pub fn sync_objects(core: &mut Livepatch, platform: &mut ProcessPlatform) -> Opt
         }
         match core.object_coming(platform, &name) {
             Ok(()) => platform.objects.known(&name),
-            // An attached agent learns of a library after the program's `dlopen` returned it:
-            // it cannot fail that call any more, and the library stays, unpatched.
-            Err(e) if crate::looks_for_libraries() => {
+            // Nobody can fail the `dlopen` of it any more: the library stays, unpatched, and is
+            // not offered again (a later `dlopen` of another library must not fail for it).
+            Err(e) if refusals == Refusals::Logged => {
                 platform.log.agent(
                     livepatch_core::Level::Err,
                     format_args!(

@@ -165,6 +165,12 @@ impl Platform for ProcessPlatform {
     type SiteError = RedirectError;
 
     fn plan_site(&mut self, func_name: &str, location: FuncLocation) -> Result<(), RedirectError> {
+        if crate::ffi::interpose::redirected_by_agent(location.addr as usize) {
+            return Err(RedirectError::Unpatchable {
+                function: func_name.to_owned(),
+                reason: livepatch_arch::entry::Unpatchable::HeldByAgent,
+            });
+        }
         if livepatch_arch::redirect::site(location.addr as usize).is_some() {
             // Another patch redirects it already (the new func joins its stack), or its restore
             // is pending (it is adopted as it is).

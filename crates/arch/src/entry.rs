@@ -19,6 +19,12 @@ pub const JMP_REL32_LEN: usize = 5;
 /// Why a function cannot be redirected: the part of the message after the function's name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Unpatchable {
+    /// The agent redirects it to its own wrapper.
+    #[error(
+        "the agent itself redirects it (in a process it was attached to, the C library's \
+         dlopen, dlclose, dlerror and pthread_create lead to the agent's wrappers)"
+    )]
+    HeldByAgent,
     /// The symbol has no size.
     #[error(
         "its size is unknown (the symbol table gives 0), so the bytes to relocate cannot be checked"

@@ -142,12 +142,14 @@ pub fn attach(pid: u32, agent: &Path, deadline: Instant) -> Result<Attached, Att
     let _child_signals = tracee::ChildSignals::block()
         .map_err(|e| AttachError::Failed(format!("cannot wait for process {pid}: {e}")))?;
     let mut last_reasons: Vec<(i32, String)> = Vec::new();
+    let mut tried = 0u32;
     for round in 1..=TRIES {
         last_reasons.clear();
         for tid in threads(pid) {
             if Instant::now() >= deadline {
                 break;
             }
+            tried += 1;
             let mut attempt = Attempt {
                 pid,
                 tid,
@@ -186,6 +188,11 @@ pub fn attach(pid: u32, agent: &Path, deadline: Instant) -> Result<Attached, Att
         // Let the threads run on, out of the code they were in.
         std::thread::sleep(Duration::from_millis(u64::from(round)));
     }
+    if tried == 0 {
+        return Err(AttachError::Refused(format!(
+            "the time given ran out before any thread of process {pid} could be tried"
+        )));
+    }
     let reasons: Vec<String> = last_reasons
         .iter()
         .take(4)
@@ -195,7 +202,7 @@ pub fn attach(pid: u32, agent: &Path, deadline: Instant) -> Result<Attached, Att
         "no thread of process {pid} was at a point where it could load the agent (outside the \
          dynamic loader and the allocator) at any of the tries: {}",
         if reasons.is_empty() {
-            "no thread could be stopped".to_owned()
+            "no thread could be stopped in time".to_owned()
         } else {
             reasons.join("; ")
         }

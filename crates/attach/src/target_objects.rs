@@ -98,7 +98,8 @@ fn first_vaddr(file: &object::File<'_>) -> u64 {
 
 /// The bytes of the file `first` maps: through `/proc/PID/map_files`, which opens the very
 /// file mapped even if it was replaced or removed since (an upgrade of the C library while the
-/// program runs); else at its path in the process's view, if that is still the same file.
+/// program runs), but only with CAP_SYS_ADMIN; else at its path in the process's view, if that
+/// is still the same file (the same inode).
 fn mapped_file(pid: u32, first: &Mapping) -> Option<Vec<u8>> {
     let mapped = format!("/proc/{pid}/map_files/{:x}-{:x}", first.start, first.end);
     if let Ok(data) = std::fs::read(mapped) {
@@ -107,7 +108,9 @@ fn mapped_file(pid: u32, first: &Mapping) -> Option<Vec<u8>> {
     let path = in_target_view(pid, &first.name);
     let file = std::fs::File::open(path).ok()?;
     let meta = file.metadata().ok()?;
-    if (meta.dev(), meta.ino()) != (first.device, first.inode) {
+    // The inode alone: on some file systems (btrfs) the device maps shows is not the one
+    // `stat` gives.
+    if meta.ino() != first.inode {
         return None;
     }
     let mut data = Vec::new();

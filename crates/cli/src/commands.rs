@@ -63,12 +63,7 @@ pub fn run(program: &str, args: &[String]) -> Result {
         )
         .into());
     }
-    let me = nix::unistd::geteuid().as_raw();
-    let agent = private_agent(
-        &agent,
-        me,
-        std::env::var_os(livepatch_protocol::socket::SOCKET_DIR_ENV),
-    );
+    let agent = private_agent(&agent);
     let preload = match std::env::var("LD_PRELOAD") {
         Ok(old) if !old.is_empty() => format!("{}:{old}", agent.display()),
         _ => agent.display().to_string(),
@@ -95,14 +90,11 @@ pub fn attach(pid: u32, timeout: Duration) -> Result {
     Ok(())
 }
 
-/// The private copy of the agent for processes of user `uid` (see [`agent_copy`]); the
-/// installed file, with a warning, where no copy can be made.
-fn private_agent(
-    installed: &Path,
-    uid: u32,
-    socket_dir: Option<std::ffi::OsString>,
-) -> std::path::PathBuf {
-    match agent_copy::for_user(installed, uid, socket_dir) {
+/// The private copy of the agent (see [`agent_copy`]); the installed file, with a warning,
+/// where no copy can be made.
+fn private_agent(installed: &Path) -> std::path::PathBuf {
+    let socket_dir = std::env::var_os(livepatch_protocol::socket::SOCKET_DIR_ENV);
+    match agent_copy::private_copy(installed, socket_dir) {
         Ok(copy) => copy,
         Err(e) => {
             eprintln!(
@@ -121,11 +113,7 @@ pub fn attach_agent(pid: u32, deadline: Instant) -> anyhow::Result<()> {
     // Before anything is made for it.
     livepatch_attach::preflight::check_process(pid)
         .map_err(|why| anyhow!("cannot attach to process {pid}: {why}"))?;
-    let agent = private_agent(
-        &installed,
-        crate::socket::process_uid(pid)?,
-        crate::socket::target_socket_dir(pid),
-    );
+    let agent = private_agent(&installed);
     let attached = livepatch_attach::attach(pid, &agent, deadline)
         .map_err(|e| anyhow!("cannot attach to process {pid}: {e}"))?;
     println!(

@@ -363,7 +363,11 @@ fn processes_map_a_private_copy_of_the_agent_which_an_upgrade_in_place_leaves_al
             .to_owned();
         line.split_whitespace().last().unwrap().to_owned()
     };
-    let copies = scratch().join("sockets").join(euid().to_string());
+    // Root's copies are in a directory every process may read; a user's beside their sockets.
+    let copies = scratch().join("sockets").join(match euid() {
+        0 => "agents".to_owned(),
+        uid => uid.to_string(),
+    });
 
     let mut preloaded = {
         let mut run = livepatch();

@@ -175,6 +175,41 @@ pub fn open_base(base: &Path, euid: u32) -> Result<OwnedFd, DirError> {
     Ok(fd)
 }
 
+/// Opens `base/<name>` (made, mode 0755, when missing), a directory of this user's that every
+/// user may read and none other write: for files this user makes for processes of others.
+pub fn open_readable_dir(base: &Path, name: &str) -> Result<(OwnedFd, PathBuf), DirError> {
+    let euid = nix::unistd::geteuid().as_raw();
+    let base_fd = open_base(base, euid)?;
+    let path = base.join(name);
+    match mkdirat(base_fd.as_fd(), name, Mode::from_bits_truncate(0o755)) {
+        Ok(()) | Err(Errno::EEXIST) => {}
+        Err(errno) => return Err(system("make", &path)(errno)),
+    }
+    let fd = open_directory(base_fd.as_fd(), Path::new(name), &path)?;
+    let stat = fstat(fd.as_fd()).map_err(system("examine", &path))?;
+    if stat.st_uid != euid {
+        return Err(DirError::Untrusted {
+            path,
+            why: Distrust::Owner {
+                owner: stat.st_uid,
+                expected: euid,
+                or_root: "",
+            },
+        });
+    }
+    let mode = mode_bits(&stat);
+    if mode & 0o022 != 0 {
+        return Err(DirError::Untrusted {
+            path,
+            why: Distrust::Mode {
+                mode,
+                what: "others may write in it",
+            },
+        });
+    }
+    Ok((fd, path))
+}
+
 /// Opens `base/<uid>` (made, mode 0700, when missing), checked to be `uid`'s and closed to
 /// others. Root makes another user's directory for that user (its owner set on the
 /// descriptor), as `livepatch` does to place the agent for a process of that user.

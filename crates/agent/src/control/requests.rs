@@ -71,7 +71,11 @@ fn load(state: &mut AgentState, path: &str) -> Response {
     }
     let result = library::insmod(&mut state.core, &mut state.platform, path);
     // The library and its dependencies are new objects too (or went away again).
-    crate::notifier::sync_objects(&mut state.core, &mut state.platform);
+    crate::notifier::sync_objects(
+        &mut state.core,
+        &mut state.platform,
+        crate::notifier::Refusals::Logged,
+    );
     match result {
         Ok(name) => done(&name),
         Err(e) => refused(&e),

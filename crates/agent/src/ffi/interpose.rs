@@ -200,12 +200,22 @@ pub fn interpose_by_redirect() -> Result<(), String> {
             pthread_create_wrapper as *const () as usize,
         ];
         let mut specs = Vec::new();
+        let agent = object_base(interpose_by_redirect as *const () as usize);
         for name in super::dl::INTERPOSED {
-            // SAFETY: dlsym with the default scope and a valid name; the agent is loaded after
-            // the C library, so this is the C library's definition, which the program uses.
+            // SAFETY: dlsym with the default scope and a valid name: the first definition,
+            // which the program's calls are bound to.
             let address = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) } as usize;
             if address == 0 {
                 return Err(format!("no {} in the process", name.to_string_lossy()));
+            }
+            // With a C library older than 2.34 (dlopen in libdl, which the program may not
+            // load), the first definition can be the agent's own export: redirecting that
+            // would make the wrapper call itself.
+            if agent.is_some() && object_base(address) == agent {
+                return Err(format!(
+                    "the first {} of the process is the agent's own",
+                    name.to_string_lossy()
+                ));
             }
             specs.push((
                 name.to_string_lossy().into_owned(),
@@ -226,6 +236,7 @@ pub fn interpose_by_redirect() -> Result<(), String> {
         for (i, info) in infos.iter().enumerate() {
             super::dl::ORIGINALS[i]
                 .store(info.original_entry, std::sync::atomic::Ordering::Release);
+            REDIRECTED_AT[i].store(info.function, std::sync::atomic::Ordering::Release);
         }
         for (info, wrapper) in infos.iter().zip(wrappers) {
             livepatch_arch::redirect::set_dispatch(
@@ -237,6 +248,27 @@ pub fn interpose_by_redirect() -> Result<(), String> {
         Ok(())
     })
     .clone()
+}
+
+/// The C library entries [`interpose_by_redirect`] redirected; 0 before.
+static REDIRECTED_AT: [std::sync::atomic::AtomicUsize; 4] =
+    [const { std::sync::atomic::AtomicUsize::new(0) }; 4];
+
+/// Whether `address` is an entry the agent redirected to its own wrapper: no patch may take it.
+pub fn redirected_by_agent(address: usize) -> bool {
+    address != 0
+        && REDIRECTED_AT
+            .iter()
+            .any(|a| a.load(std::sync::atomic::Ordering::Acquire) == address)
+}
+
+/// The load address of the object that holds `address`.
+fn object_base(address: usize) -> Option<usize> {
+    // SAFETY: Dl_info is plain data that dladdr fills.
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    // SAFETY: dladdr only reads the link map for the address.
+    let found = unsafe { libc::dladdr(address as *const c_void, &mut info) };
+    (found != 0).then_some(info.dli_fbase as usize)
 }
 
 /// `dladdr1`'s request for the symbol table entry (`<dlfcn.h>`).
