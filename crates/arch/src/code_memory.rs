@@ -126,7 +126,6 @@ fn map_arena_near(near: usize) -> Result<usize, MemoryError> {
         end: high,
         prot: 0,
         offset: 0,
-        device: 0,
         inode: 0,
         name: String::new(),
     })) {

@@ -11,8 +11,7 @@ pub struct Mapping {
     pub prot: i32,
     /// The offset in the mapped file of the first address.
     pub offset: u64,
-    /// The mapped file's device (as `st_dev`) and inode; 0 for anonymous memory.
-    pub device: u64,
+    /// The mapped file's inode; 0 for anonymous memory.
     pub inode: u64,
     /// The mapped file or pseudo-name (`[stack]`), empty for anonymous memory.
     pub name: String,
@@ -39,11 +38,7 @@ fn parse_line(line: &str) -> Option<Mapping> {
     let (start, end) = fields.next()?.split_once('-')?;
     let perms = fields.next()?.as_bytes();
     let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
-    let (major, minor) = fields.next()?.split_once(':')?;
-    let device = libc::makedev(
-        u32::from_str_radix(major, 16).ok()?,
-        u32::from_str_radix(minor, 16).ok()?,
-    );
+    let _device = fields.next()?;
     let inode = fields.next()?.parse().ok()?;
     let name = fields.next().unwrap_or("").trim_start().to_owned();
     let mut prot = 0;
@@ -61,7 +56,6 @@ fn parse_line(line: &str) -> Option<Mapping> {
         end: usize::from_str_radix(end, 16).ok()?,
         prot,
         offset,
-        device,
         inode,
         name,
     })
@@ -109,7 +103,7 @@ mod tests {
         assert_eq!(m.prot, libc::PROT_READ | libc::PROT_EXEC);
         assert_eq!(m.name, "/usr/lib/libc.so.6");
         assert_eq!(m.offset, 0x1000);
-        assert_eq!((m.device, m.inode), (libc::makedev(8, 1), 1234));
+        assert_eq!(m.inode, 1234);
         let spaced = parse_line("7f00-7f80 r--p 00000000 08:01 99 /tmp/a b/lib.so").unwrap();
         assert_eq!(spaced.name, "/tmp/a b/lib.so");
         let anon = parse_line("1000-2000 rw-p 00000000 00:00 0").unwrap();

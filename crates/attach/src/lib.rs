@@ -13,7 +13,7 @@ mod tracee;
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use remote_call::{Arg, CallError, call};
@@ -80,8 +80,6 @@ pub struct Attached {
     pub tid: i32,
     /// How long that thread was stopped; no other thread was.
     pub stopped: Duration,
-    /// The round of tries it took (1: the first thread tried could make the call).
-    pub tries: u32,
 }
 
 /// The loader's entry the agent is loaded with.
@@ -116,12 +114,20 @@ impl Loader {
     }
 }
 
-/// Loads and starts `agent` in process `pid` by `deadline`.
-pub fn attach(pid: u32, agent: &Path, deadline: Instant) -> Result<Attached, AttachError> {
+/// Loads and starts the agent in process `pid` by `deadline`. The agent's file is asked of
+/// `agent` once the process passed every check that does not need it, so that nothing is made
+/// for a process that is refused anyway.
+pub fn attach(
+    pid: u32,
+    agent: impl FnOnce() -> PathBuf,
+    deadline: Instant,
+) -> Result<Attached, AttachError> {
+    preflight::check_process(pid).map_err(AttachError::Refused)?;
+    let agent = agent();
     let agent = agent.canonicalize().map_err(|e| {
         AttachError::Refused(format!("cannot use the agent {}: {e}", agent.display()))
     })?;
-    preflight::check(pid, &agent).map_err(AttachError::Refused)?;
+    preflight::check_agent_visible(pid, &agent).map_err(AttachError::Refused)?;
     let maps = livepatch_arch::maps::read_process(pid).map_err(|e| {
         AttachError::Refused(format!("cannot read the mappings of process {pid}: {e}"))
     })?;
@@ -160,13 +166,7 @@ pub fn attach(pid: u32, agent: &Path, deadline: Instant) -> Result<Attached, Att
                 deadline,
             };
             match attempt.run() {
-                Ok(Ok(stopped)) => {
-                    return Ok(Attached {
-                        tid,
-                        stopped,
-                        tries: round,
-                    });
-                }
+                Ok(Ok(stopped)) => return Ok(Attached { tid, stopped }),
                 Ok(Err(why)) => last_reasons.push((tid, why)),
                 Err(AttemptError::Trace(TraceError::Permission)) => {
                     return Err(AttachError::Refused(preflight::permission_refusal(pid)));

@@ -29,14 +29,8 @@ pub fn command_name(pid: u32) -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
-/// Checks everything that can be known about `pid` without tracing it; the reason it cannot
-/// be attached to, if any.
-pub fn check(pid: u32, agent: &Path) -> Result<(), String> {
-    check_process(pid)?;
-    check_agent_visible(pid, agent)
-}
-
-/// [`check`] but for the agent's file: whether the process can be attached to at all.
+/// Checks everything that can be known about `pid` without tracing it but the agent's file
+/// ([`check_agent_visible`]); the reason it cannot be attached to, if any.
 pub fn check_process(pid: u32) -> Result<(), String> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(|_| format!("no process {pid}"))?;
@@ -175,7 +169,7 @@ pub fn permission_refusal(pid: u32) -> String {
 
 /// The agent's file must be the same file in the process's view (a process in another mount
 /// namespace, a container, sees other files at the same paths).
-fn check_agent_visible(pid: u32, agent: &Path) -> Result<(), String> {
+pub fn check_agent_visible(pid: u32, agent: &Path) -> Result<(), String> {
     let ours = std::fs::metadata(agent)
         .map_err(|e| format!("cannot use the agent {}: {e}", agent.display()))?;
     let path = agent.to_string_lossy();

@@ -84,16 +84,18 @@ impl LibraryFunction {
     /// Its address in a process that maps the library from `path`.
     pub fn address_in(&self, maps: &[Mapping], path: &str) -> Option<u64> {
         let first = maps.iter().find(|m| m.name == path && m.offset == 0)?;
-        Some(
-            (first.start as u64)
-                .wrapping_sub(self.first_vaddr & !0xfff)
-                .wrapping_add(self.value),
-        )
+        Some(load_bias(first, self.first_vaddr).wrapping_add(self.value))
     }
 }
 
 fn first_vaddr(file: &object::File<'_>) -> u64 {
     file.segments().map(|s| s.address()).min().unwrap_or(0)
+}
+
+/// What is added to the symbol values of a shared object whose first mapping (file offset 0)
+/// is `first` and whose lowest segment address is `first_vaddr`.
+fn load_bias(first: &Mapping, first_vaddr: u64) -> u64 {
+    (first.start as u64).wrapping_sub(first_vaddr & !0xfff)
 }
 
 /// The bytes of the file `first` maps: through `/proc/PID/map_files`, which opens the very
@@ -123,7 +125,7 @@ fn object_at(pid: u32, maps: &[Mapping], path: &str) -> Option<TargetObject> {
     let data = mapped_file(pid, first)?;
     let file = object::File::parse(&*data).ok()?;
     let bias = if file.kind() == object::ObjectKind::Dynamic {
-        (first.start as u64).wrapping_sub(first_vaddr(&file) & !0xfff)
+        load_bias(first, first_vaddr(&file))
     } else {
         0
     };

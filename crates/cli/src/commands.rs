@@ -110,11 +110,7 @@ fn private_agent(installed: &Path) -> std::path::PathBuf {
 /// Loads the agent into process `pid`, which has none, and says so.
 pub fn attach_agent(pid: u32, deadline: Instant) -> anyhow::Result<()> {
     let installed = paths::agent()?;
-    // Before anything is made for it.
-    livepatch_attach::preflight::check_process(pid)
-        .map_err(|why| anyhow!("cannot attach to process {pid}: {why}"))?;
-    let agent = private_agent(&installed);
-    let attached = livepatch_attach::attach(pid, &agent, deadline)
+    let attached = livepatch_attach::attach(pid, || private_agent(&installed), deadline)
         .map_err(|e| anyhow!("cannot attach to process {pid}: {e}"))?;
     println!(
         "livepatch: agent attached to process {pid} (its thread {} was stopped for {:.1} ms)",
