@@ -42,7 +42,7 @@ static AGENT: OnceLock<Agent> = OnceLock::new();
 
 /// Whether `livepatch attach` loaded the agent into a running process (rather than the
 /// process preloading it): then nothing interposes the program's `dlopen` and `dlclose` until
-/// the agent redirects them ([`INTERPOSED`]), and meanwhile the control thread looks for
+/// the agent redirects them (`ffi::interpose::interposed`), and meanwhile the control thread looks for
 /// libraries coming and going itself, every [`ATTACHED_LIBRARY_POLL`].
 static ATTACHED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -58,24 +58,10 @@ pub fn attached() -> bool {
     ATTACHED.load(std::sync::atomic::Ordering::SeqCst)
 }
 
-/// Whether an attached agent redirected the C library's `dlopen`, `dlclose`, `dlerror` and
-/// `pthread_create` to its wrappers (before its first patch): then it is told of libraries
-/// and threads as a preloaded agent is, and need not look for them.
-static INTERPOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-pub(crate) fn set_interposed() {
-    INTERPOSED.store(true, std::sync::atomic::Ordering::SeqCst);
-}
-
-/// See [`INTERPOSED`].
-pub fn interposed() -> bool {
-    INTERPOSED.load(std::sync::atomic::Ordering::SeqCst)
-}
-
 /// Whether the control thread must look for libraries coming and going itself: an attached
 /// agent before (or without) its interposition.
 pub fn looks_for_libraries() -> bool {
-    attached() && !interposed()
+    attached() && !ffi::interpose::interposed()
 }
 
 /// The agent, if it started. For the C edge only ([`ffi`]): C calls it without an agent in

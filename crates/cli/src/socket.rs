@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail};
+use livepatch_protocol::directories::{Distrust, trust_base, trust_user_dir};
 use livepatch_protocol::socket::{SOCKET_DIR_ENV, bases, socket_path};
 use nix::errno::Errno;
 use nix::sys::socket::{
@@ -89,50 +90,23 @@ fn distrust(path: &Path, why: String) -> anyhow::Error {
     anyhow!("{} {why}: refusing to trust it", path.display())
 }
 
-/// Checks every part of the way to a socket that exists, as the agent made it.
+/// Checks every part of the way to a socket that exists, by the rules the agent made it by
+/// (`livepatch_protocol::directories`).
 fn check_path(base: &Path, socket: &Path, uid: u32) -> anyhow::Result<()> {
-    let base_meta = std::fs::symlink_metadata(base)?;
-    if base_meta.file_type().is_symlink() || !base_meta.is_dir() {
-        return Err(distrust(base, "is not a directory".into()));
-    }
-    if base_meta.uid() != 0 && base_meta.uid() != uid {
-        return Err(distrust(
-            base,
-            format!(
-                "is owned by uid {}, not by root or uid {uid}",
-                base_meta.uid()
-            ),
-        ));
-    }
-    let mode = base_meta.mode() & 0o7777;
-    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
-        return Err(distrust(
-            base,
-            format!("has mode {mode:04o}: others may write in it and it is not sticky"),
-        ));
-    }
     let dir = socket.parent().unwrap_or(base);
-    let dir_meta = std::fs::symlink_metadata(dir)?;
-    if dir_meta.file_type().is_symlink() || !dir_meta.is_dir() {
-        return Err(distrust(dir, "is not a directory".into()));
-    }
-    if dir_meta.uid() != uid {
-        return Err(distrust(
-            dir,
-            format!(
-                "is owned by uid {}, not by uid {uid}, the user of the process",
-                dir_meta.uid()
-            ),
-        ));
-    }
-    if dir_meta.mode() & 0o077 != 0 {
-        return Err(distrust(
-            dir,
-            format!(
-                "has mode {:04o}: others may enter it",
-                dir_meta.mode() & 0o7777
-            ),
-        ));
+    for (path, trust) in [
+        (
+            base,
+            trust_base as fn(u32, u32, u32) -> Result<(), Distrust>,
+        ),
+        (dir, trust_user_dir),
+    ] {
+        let meta = std::fs::symlink_metadata(path)?;
+        if meta.file_type().is_symlink() || !meta.is_dir() {
+            return Err(distrust(path, "is not a directory".into()));
+        }
+        trust(meta.uid(), meta.mode() & 0o7777, uid)
+            .map_err(|why| distrust(path, why.to_string()))?;
     }
     let socket_meta = std::fs::symlink_metadata(socket)?;
     if !socket_meta.file_type().is_socket() {

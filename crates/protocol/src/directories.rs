@@ -107,17 +107,26 @@ fn mode_bits(stat: &FileStat) -> u32 {
     stat.st_mode & 0o7777
 }
 
-/// A base directory is trusted when root or `euid` owns it, and when others may write in it
-/// only with the sticky bit (so none can remove another's entries).
 fn check_base(stat: &FileStat, euid: u32) -> Result<(), Distrust> {
-    if stat.st_uid != 0 && stat.st_uid != euid {
+    trust_base(stat.st_uid, mode_bits(stat), euid)
+}
+
+fn check_user_dir(stat: &FileStat, euid: u32) -> Result<(), Distrust> {
+    trust_user_dir(stat.st_uid, mode_bits(stat), euid)
+}
+
+/// A base directory (its owner, its mode bits) is trusted for user `uid` when root or `uid`
+/// owns it, and when others may write in it only with the sticky bit (so none can remove
+/// another's entries). The agent checks the directories it makes with it, and `livepatch` the
+/// way to a socket it is about to believe.
+pub fn trust_base(owner: u32, mode: u32, uid: u32) -> Result<(), Distrust> {
+    if owner != 0 && owner != uid {
         return Err(Distrust::Owner {
-            owner: stat.st_uid,
-            expected: euid,
+            owner,
+            expected: uid,
             or_root: ", or root",
         });
     }
-    let mode = mode_bits(stat);
     if mode & 0o022 != 0 && mode & 0o1000 == 0 {
         return Err(Distrust::Mode {
             mode,
@@ -127,16 +136,16 @@ fn check_base(stat: &FileStat, euid: u32) -> Result<(), Distrust> {
     Ok(())
 }
 
-/// A user's directory is trusted when `euid` owns it and nobody else may enter or write it.
-fn check_user_dir(stat: &FileStat, euid: u32) -> Result<(), Distrust> {
-    if stat.st_uid != euid {
+/// A user's directory (its owner, its mode bits) is trusted for user `uid` when `uid` owns it
+/// and nobody else may enter or write it.
+pub fn trust_user_dir(owner: u32, mode: u32, uid: u32) -> Result<(), Distrust> {
+    if owner != uid {
         return Err(Distrust::Owner {
-            owner: stat.st_uid,
-            expected: euid,
+            owner,
+            expected: uid,
             or_root: "",
         });
     }
-    let mode = mode_bits(stat);
     if mode & 0o077 != 0 {
         return Err(Distrust::Mode {
             mode,

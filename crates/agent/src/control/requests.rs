@@ -56,18 +56,17 @@ pub fn handle(agent: &Agent, command: Command) -> Response {
 
 /// `insmod`: load, validate, enable; on any failure nothing stays.
 fn load(state: &mut AgentState, path: &str) -> Response {
-    if crate::attached() && !crate::interposed() {
-        match crate::ffi::interpose::interpose_by_redirect() {
-            Ok(()) => crate::set_interposed(),
-            Err(why) => state.platform.log.agent(
-                livepatch_core::Level::Warn,
-                format_args!(
-                    "dlopen, dlclose and pthread_create are not interposed ({why}): libraries \
-                     coming and going are looked for every {} ms, threads as they are found",
-                    crate::ATTACHED_LIBRARY_POLL.as_millis()
-                ),
+    if crate::looks_for_libraries()
+        && let Err(why) = crate::ffi::interpose::interpose_by_redirect()
+    {
+        state.platform.log.agent(
+            livepatch_core::Level::Warn,
+            format_args!(
+                "dlopen, dlclose and pthread_create are not interposed ({why}): libraries \
+                 coming and going are looked for every {} ms, threads as they are found",
+                crate::ATTACHED_LIBRARY_POLL.as_millis()
             ),
-        }
+        );
     }
     let result = library::insmod(&mut state.core, &mut state.platform, path);
     // The library and its dependencies are new objects too (or went away again).

@@ -191,63 +191,72 @@ unsafe extern "C" fn pthread_create_wrapper(
 /// the first patch applies (what a library that comes or goes does to patches matters only
 /// then); the reason it could not be, if so, and the agent then looks for libraries itself.
 pub fn interpose_by_redirect() -> Result<(), String> {
-    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
-    DONE.get_or_init(|| {
-        let wrappers: [usize; 4] = [
-            dlopen_wrapper as *const () as usize,
-            dlclose_wrapper as *const () as usize,
-            dlerror_wrapper as *const () as usize,
-            pthread_create_wrapper as *const () as usize,
-        ];
-        let mut specs = Vec::new();
-        let agent = object_base(interpose_by_redirect as *const () as usize);
-        for name in super::dl::INTERPOSED {
-            // SAFETY: dlsym with the default scope and a valid name: the first definition,
-            // which the program's calls are bound to.
-            let address = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) } as usize;
-            if address == 0 {
-                return Err(format!("no {} in the process", name.to_string_lossy()));
-            }
-            // With a C library older than 2.34 (dlopen in libdl, which the program may not
-            // load), the first definition can be the agent's own export: redirecting that
-            // would make the wrapper call itself.
-            if agent.is_some() && object_base(address) == agent {
-                return Err(format!(
-                    "the first {} of the process is the agent's own",
-                    name.to_string_lossy()
+    INTERPOSITION
+        .get_or_init(|| {
+            let wrappers: [usize; 4] = [
+                dlopen_wrapper as *const () as usize,
+                dlclose_wrapper as *const () as usize,
+                dlerror_wrapper as *const () as usize,
+                pthread_create_wrapper as *const () as usize,
+            ];
+            let mut specs = Vec::new();
+            let agent = object_base(interpose_by_redirect as *const () as usize);
+            for name in super::dl::INTERPOSED {
+                // SAFETY: dlsym with the default scope and a valid name: the first definition,
+                // which the program's calls are bound to.
+                let address = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) } as usize;
+                if address == 0 {
+                    return Err(format!("no {} in the process", name.to_string_lossy()));
+                }
+                // With a C library older than 2.34 (dlopen in libdl, which the program may not
+                // load), the first definition can be the agent's own export: redirecting that
+                // would make the wrapper call itself.
+                if agent.is_some() && object_base(address) == agent {
+                    return Err(format!(
+                        "the first {} of the process is the agent's own",
+                        name.to_string_lossy()
+                    ));
+                }
+                specs.push((
+                    name.to_string_lossy().into_owned(),
+                    address,
+                    symbol_size(address),
                 ));
             }
-            specs.push((
-                name.to_string_lossy().into_owned(),
-                address,
-                symbol_size(address),
-            ));
-        }
-        let sites: Vec<livepatch_arch::SiteSpec<'_>> = specs
-            .iter()
-            .map(|(name, address, size)| livepatch_arch::SiteSpec {
-                name,
-                address: *address,
-                size: *size,
-                cookie: 0,
-            })
-            .collect();
-        let infos = livepatch_arch::redirect::redirect(&sites).map_err(|e| e.to_string())?;
-        for (i, info) in infos.iter().enumerate() {
-            super::dl::ORIGINALS[i]
-                .store(info.original_entry, std::sync::atomic::Ordering::Release);
-            REDIRECTED_AT[i].store(info.function, std::sync::atomic::Ordering::Release);
-        }
-        for (info, wrapper) in infos.iter().zip(wrappers) {
-            livepatch_arch::redirect::set_dispatch(
-                info.function,
-                livepatch_arch::Dispatch::Jump(wrapper),
-            )
-            .map_err(|e| e.to_string())?;
-        }
-        Ok(())
-    })
-    .clone()
+            let sites: Vec<livepatch_arch::SiteSpec<'_>> = specs
+                .iter()
+                .map(|(name, address, size)| livepatch_arch::SiteSpec {
+                    name,
+                    address: *address,
+                    size: *size,
+                    cookie: 0,
+                })
+                .collect();
+            let infos = livepatch_arch::redirect::redirect(&sites).map_err(|e| e.to_string())?;
+            for (i, info) in infos.iter().enumerate() {
+                super::dl::ORIGINALS[i]
+                    .store(info.original_entry, std::sync::atomic::Ordering::Release);
+                REDIRECTED_AT[i].store(info.function, std::sync::atomic::Ordering::Release);
+            }
+            for (info, wrapper) in infos.iter().zip(wrappers) {
+                livepatch_arch::redirect::set_dispatch(
+                    info.function,
+                    livepatch_arch::Dispatch::Jump(wrapper),
+                )
+                .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        })
+        .clone()
+}
+
+/// How [`interpose_by_redirect`] went, once it was tried.
+static INTERPOSITION: OnceLock<Result<(), String>> = OnceLock::new();
+
+/// Whether the C library's entries lead to the wrappers ([`interpose_by_redirect`] did it): then
+/// an attached agent is told of libraries and threads as a preloaded agent is.
+pub fn interposed() -> bool {
+    matches!(INTERPOSITION.get(), Some(Ok(())))
 }
 
 /// The C library entries [`interpose_by_redirect`] redirected; 0 before.
