@@ -132,13 +132,11 @@ pub fn loadable_program(data: &[u8]) -> Result<(), String> {
 /// Why tracing fails, said with what can be done about it.
 pub fn permission_refusal(pid: u32) -> String {
     let me = nix::unistd::geteuid().as_raw();
+    // The effective uid: the second of the four.
     let owner = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|u| u.split_whitespace().nth(1).map(str::to_owned))
-        })
+        .and_then(|status| status_field(&status, "Uid"))
+        .and_then(|uids| uids.split_whitespace().nth(1).map(str::to_owned))
         .unwrap_or_else(|| "?".into());
     let scope = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
         .ok()

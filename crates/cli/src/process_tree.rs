@@ -15,13 +15,18 @@ fn parents() -> BTreeMap<u32, u32> {
         .collect()
 }
 
-/// The parent of `pid`: the field after the state, after the command name, which may hold any
-/// byte (a space, a parenthesis), hence the last ')'.
-pub fn parent_of(pid: u32) -> Option<u32> {
+/// Field `index` of `/proc/PID/stat` counted from the state (0), which follows the command
+/// name: that may hold any byte (a space, a parenthesis), hence the last ')'.
+pub fn stat_field(pid: u32, index: usize) -> Option<String> {
     let stat = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
     let close = stat.iter().rposition(|&b| b == b')')?;
     let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
-    rest.split_ascii_whitespace().nth(1)?.parse().ok()
+    rest.split_ascii_whitespace().nth(index).map(str::to_owned)
+}
+
+/// The parent of `pid`.
+pub fn parent_of(pid: u32) -> Option<u32> {
+    stat_field(pid, 1)?.parse().ok()
 }
 
 /// `pid` and its descendants alive now, each parent before its children.

@@ -40,13 +40,8 @@ pub fn process_uid(pid: u32) -> anyhow::Result<u32> {
 
 /// What `/proc/N/stat` says the process is doing, for messages: `T (stopped)`.
 pub fn process_state(pid: u32) -> String {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The state follows the command name, which is in parentheses and may contain anything.
-    let state = stat
-        .rfind(')')
-        .and_then(|end| stat[end + 1..].split_whitespace().next())
-        .unwrap_or("?");
-    let meaning = match state {
+    let state = crate::process_tree::stat_field(pid, 0).unwrap_or_else(|| "?".to_owned());
+    let meaning = match state.as_str() {
         "R" => "running",
         "S" => "sleeping",
         "D" => "in uninterruptible sleep",
@@ -236,12 +231,8 @@ fn made_after_start(path: &Path, pid: u32) -> bool {
     // `/proc/PID/stat` counts the start in clock ticks since boot, which Linux exports at 100
     // per second (USER_HZ) on every architecture it runs x86-64 on.
     const TICKS_PER_SECOND: f64 = 100.0;
-    let start_ticks: Option<f64> = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let after_name = stat.rsplit_once(')')?.1.to_owned();
-            after_name.split_ascii_whitespace().nth(19)?.parse().ok()
-        });
+    let start_ticks: Option<f64> =
+        crate::process_tree::stat_field(pid, 19).and_then(|ticks| ticks.parse().ok());
     // The boot's wall-clock time to a hundredth of a second (`btime` has whole seconds).
     let uptime: Option<f64> = std::fs::read_to_string("/proc/uptime")
         .ok()
