@@ -92,19 +92,24 @@ pub fn attach(pid: u32, timeout: Duration) -> Result {
 
 /// The private copy of the agent (see [`agent_copy`]); the installed file, with a warning,
 /// where no copy can be made.
+/// Made once per command: `load --children` attaches to every worker with the same copy.
 fn private_agent(installed: &Path) -> std::path::PathBuf {
-    let socket_dir = std::env::var_os(livepatch_protocol::socket::SOCKET_DIR_ENV);
-    match agent_copy::private_copy(installed, socket_dir) {
-        Ok(copy) => copy,
-        Err(e) => {
-            eprintln!(
-                "livepatch: warning: {e:#}; the process maps the installed agent {}, which an \
-                 upgrade that rewrites it in place would change under it",
-                installed.display()
-            );
-            installed.to_owned()
+    static COPY: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    COPY.get_or_init(|| {
+        let socket_dir = std::env::var_os(livepatch_protocol::socket::SOCKET_DIR_ENV);
+        match agent_copy::private_copy(installed, socket_dir) {
+            Ok(copy) => copy,
+            Err(e) => {
+                eprintln!(
+                    "livepatch: warning: {e:#}; the process maps the installed agent {}, which \
+                     an upgrade that rewrites it in place would change under it",
+                    installed.display()
+                );
+                installed.to_owned()
+            }
         }
-    }
+    })
+    .clone()
 }
 
 /// Loads the agent into process `pid`, which has none, and says so.
